@@ -1,0 +1,508 @@
+#!/usr/bin/env bash
+# Real PostgreSQL, Redis and Kafka on loopback, for tests and the demo.
+#
+#   services.sh install                    install/fetch everything (fast when done)
+#   services.sh start [--only LIST] DIR    start services with data under DIR
+#                                          (LIST: comma list of postgres,redis,kafka)
+#   services.sh stop DIR                   stop whatever runs under DIR
+#   services.sh env DIR                    print DIR/env (export lines)
+#   services.sh pg-stop|pg-start DIR       stop/start Postgres, same data and port
+#   services.sh redis-stop|redis-start DIR stop/start Redis, same port
+#   services.sh kafka-stop|kafka-start DIR stop/start Kafka, same data and ports
+#   services.sh kafka-cli CLASS [ARGS...]  run a Kafka CLI class (e.g.
+#                                          org.apache.kafka.tools.TopicCommand)
+#
+# Nothing is shared between DIRs except the read-only caches, so several
+# instances may run at once. Environment:
+#   FRESHET_CACHE          cache for Kafka jars and grpcurl (~/.cache/freshet)
+#   FRESHET_KAFKA_VERSION  Kafka version to fetch from Maven Central (4.1.1)
+#   FRESHET_KAFKA_TIMEOUT  seconds to wait for the broker (90)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${FRESHET_CACHE:-${HOME:?}/.cache/freshet}
+# 4.1.x: current line whose jars are built for Java 17 (class major 61), the
+# Java on these machines; its StorageTool still lives in kafka_2.13.
+KAFKA_VERSION=${FRESHET_KAFKA_VERSION:-4.1.1}
+KAFKA_HOME=$CACHE/kafka-$KAFKA_VERSION
+KAFKA_TIMEOUT=${FRESHET_KAFKA_TIMEOUT:-90}
+GRPCURL_VERSION=v1.9.3
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_USER=postgres # postgres refuses to run as root; Debian's package creates this user
+APT_PACKAGES=(postgresql redis-server protobuf-compiler gcc make perl pkg-config zlib1g-dev libssl-dev)
+# -Xmx512m keeps several parallel brokers within the 24 GiB machine; SerialGC and
+# C1-only JIT start faster on 2 cores and are plenty for tests.
+KAFKA_JVM_OPTS=(-Xms128m -Xmx512m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 -Djava.awt.headless=true)
+
+log() { echo "services.sh: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+as_root() { if [[ $EUID -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+# Run a Postgres binary as the unprivileged user when we are root. cd / so
+# postgres does not complain about an unreadable cwd such as /root.
+as_pg() {
+  if [[ $EUID -eq 0 ]]; then (cd / && runuser -u "$PG_USER" -- "$@"); else "$@"; fi
+}
+
+# Is PID alive and its command line matching PATTERN? (guards against pid reuse)
+alive() {
+  local pid=$1 pattern=$2
+  [[ -n $pid && -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q -- "$pattern"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Print a free port on 127.0.0.1. Ports come from below the kernel's ephemeral
+# range, so client sockets and "bind to port 0" servers (e.g. in Rust tests)
+# never take them; a claims file under a lock keeps parallel services.sh runs
+# from handing out the same port before the service binds it.
+pick_port() {
+  local lock=${TMPDIR:-/tmp}/freshet-ports.lock
+  (
+    flock 9
+    python3 - "${TMPDIR:-/tmp}/freshet-ports.claims" <<'PY'
+import random, socket, sys, time
+claims_path, now = sys.argv[1], time.time()
+eph_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+lo, hi = 15000, min(eph_low - 1, 32767)
+if hi - lo < 1000:
+    lo, hi = 1024, 65535
+claims = {}
+try:
+    for line in open(claims_path):
+        port, ts = line.split()
+        if now - float(ts) < 600:  # a service binds well within 10 minutes
+            claims[int(port)] = float(ts)
+except (OSError, ValueError):
+    pass
+for _ in range(500):
+    port = random.randint(lo, hi)
+    if port in claims:
+        continue
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    claims[port] = now
+    with open(claims_path, "w") as f:
+        f.writelines(f"{p} {t}\n" for p, t in claims.items())
+    print(port)
+    sys.exit(0)
+sys.exit("no free port found")
+PY
+  ) 9>>"$lock"
+}
+
+# ---------------------------------------------------------------- install ---
+
+install_apt() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  command -v mvn >/dev/null || missing+=(maven)
+  command -v java >/dev/null || missing+=(openjdk-17-jre-headless)
+  command -v python3 >/dev/null || missing+=(python3)
+  [[ ${#missing[@]} -eq 0 ]] && return 0
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  # Wait for another apt (e.g. a parallel install) instead of failing on its lock.
+  local apt=(apt-get -y -q -o DPkg::Lock::Timeout=600)
+  # A fresh machine has no (or stale) package lists: update first then; else
+  # try without and update only when the install fails.
+  if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+    as_root "${apt[@]}" update
+  fi
+  as_root "${apt[@]}" install --no-install-recommends "${missing[@]}" \
+    || { as_root "${apt[@]}" update && as_root "${apt[@]}" install --no-install-recommends "${missing[@]}"; }
+}
+
+# Kafka jars come from Maven Central (the only place reachable for them); the
+# marker records version and pom hash, so a changed pom re-resolves.
+install_kafka() {
+  local libs=$KAFKA_HOME/libs marker want
+  marker=$libs/.complete
+  want="kafka=$KAFKA_VERSION pom=$(sha256sum "$HERE/kafka/pom.xml" | cut -d' ' -f1)"
+  [[ -f $marker && $(<"$marker") == "$want" ]] && return 0
+  log "fetching Kafka $KAFKA_VERSION jars with Maven"
+  local tmp=$KAFKA_HOME/libs.tmp.$$
+  rm -rf "$tmp"
+  mvn -q -B -f "$HERE/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp"
+  echo "$want" >"$tmp/.complete"
+  rm -rf "$libs"
+  mv "$tmp" "$libs"
+}
+
+install_grpcurl() {
+  local bin=$CACHE/bin/grpcurl
+  # The module version is embedded in the binary's build info.
+  [[ -x $bin ]] && go version -m "$bin" 2>/dev/null \
+    | grep -qE "^\s+mod\s+github.com/fullstorydev/grpcurl\s+$GRPCURL_VERSION\s" && return 0
+  log "building grpcurl $GRPCURL_VERSION with go install"
+  # -X main.version: what release builds set, so `grpcurl -version` is right.
+  GOBIN=$CACHE/bin go install -ldflags "-X main.version=$GRPCURL_VERSION" \
+    "github.com/fullstorydev/grpcurl/cmd/grpcurl@$GRPCURL_VERSION"
+}
+
+cmd_install() {
+  mkdir -p "$CACHE/bin"
+  # One installer at a time per cache; parallel callers just wait, then skip.
+  exec 8>>"$CACHE/install.lock"
+  flock 8
+  install_apt
+  install_kafka
+  install_grpcurl
+  flock -u 8
+  cat <<EOF
+postgres:  $PG_BIN
+redis:     $(command -v redis-server)
+protoc:    $(command -v protoc)
+kafka:     $KAFKA_HOME/libs ($KAFKA_VERSION)
+grpcurl:   $CACHE/bin/grpcurl
+EOF
+}
+
+# Only run the installer when something is missing, so `start` stays fast.
+ensure_installed() {
+  if [[ ! -x $PG_BIN/postgres ]] || ! command -v redis-server >/dev/null \
+    || [[ ! -f $KAFKA_HOME/libs/.complete ]]; then
+    cmd_install >&2
+  fi
+}
+
+# --------------------------------------------------------------- postgres ---
+
+pg_pid() { head -n 1 "$DIR/postgres/data/postmaster.pid" 2>/dev/null || true; }
+# Not `pg_ctl status`: it takes an unreaped (zombie) postmaster for a live one.
+pg_running() { alive "$(pg_pid)" postgres; }
+
+pg_write_conf() {
+  local d=$DIR/postgres
+  # Durability stays on (no fsync=off): tests kill processes and expect data.
+  cat >"$d/data/freshet.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $1
+unix_socket_directories = '$d/sock'
+max_connections = 200
+shared_buffers = 32MB
+wal_level = logical
+max_replication_slots = 10
+max_wal_senders = 10
+EOF
+  chown "$(stat -c %U "$d")" "$d/data/freshet.conf"
+}
+
+pg_launch() {
+  local pid i
+  # After a kill -9 the old postmaster may linger as a zombie until init reaps
+  # it; postgres would see its pid in postmaster.pid and refuse to start.
+  pid=$(pg_pid)
+  for ((i = 0; i < 100; i++)); do [[ -n $pid && -e /proc/$pid ]] || break; sleep 0.1; done
+  as_pg "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" -l "$DIR/postgres/postgres.log" -w -t 60 start >/dev/null
+}
+
+pg_init() {
+  local d=$DIR/postgres
+  stop_postgres # leftovers of an earlier, failed first start
+  rm -rf "$d"
+  mkdir -p "$d/sock"
+  if [[ $EUID -eq 0 ]]; then
+    id "$PG_USER" >/dev/null 2>&1 || useradd --system --home-dir /var/lib/postgresql "$PG_USER"
+    chmod a+x "$DIR" # mktemp -d makes 0700 dirs the postgres user can't enter
+    chown -R "$PG_USER:" "$d"
+    as_pg test -w "$d" || die "user $PG_USER cannot write $d: make its parent dirs traversable (e.g. use a dir under /tmp)"
+  fi
+  as_pg "$PG_BIN/initdb" -D "$d/data" -U freshet --auth=trust -E UTF8 --no-locale >"$d/initdb.log" 2>&1 \
+    || { cat "$d/initdb.log" >&2; die "initdb failed"; }
+  echo "include = 'freshet.conf'" >>"$d/data/postgresql.conf"
+}
+
+# DIR/<service>/port is written last, once the service is fully set up; its
+# absence means "set up from scratch" (also after a half-done first start).
+start_postgres() {
+  local d=$DIR/postgres port try
+  if [[ ! -f $d/port ]]; then
+    pg_init
+    # A port can still be taken by a foreign process between pick and bind: retry.
+    for try in 1 2 3; do
+      port=$(pick_port)
+      pg_write_conf "$port"
+      rm -f "$d/postgres.log"
+      pg_launch && break
+      if ((try == 3)) || ! grep -q 'could not bind\|Address already in use' "$d/postgres.log"; then
+        tail -n 30 "$d/postgres.log" >&2
+        die "postgres failed to start"
+      fi
+      log "postgres port $port taken, retrying"
+    done
+    "$PG_BIN/createdb" -h 127.0.0.1 -p "$port" -U freshet -O freshet freshet
+    echo "$port" >"$d/port"
+  elif ! pg_running; then
+    pg_launch || { tail -n 30 "$d/postgres.log" >&2; die "postgres failed to start"; }
+  fi
+}
+
+stop_postgres() {
+  pg_running || return 0
+  as_pg "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" -m fast -w -t 60 stop >/dev/null
+}
+
+# ------------------------------------------------------------------ redis ---
+
+redis_pid() { cat "$DIR/redis/redis.pid" 2>/dev/null || true; }
+redis_running() { alive "$(redis_pid)" redis-server; }
+
+redis_write_conf() {
+  local d=$DIR/redis
+  # No persistence: tests only want a cache that comes back empty.
+  cat >"$d/redis.conf" <<EOF
+port $1
+bind 127.0.0.1
+save ""
+appendonly no
+daemonize yes
+pidfile $d/redis.pid
+dir $d
+logfile $d/redis.log
+EOF
+}
+
+# redis-server forks before binding, so success is only visible later: Redis
+# writes its pid file after it has bound the port (or exits on failure).
+redis_launch() { # PORT
+  local d=$DIR/redis i
+  rm -f "$d/redis.pid"
+  : >"$d/redis.log"
+  redis-server "$d/redis.conf"
+  for ((i = 0; i < 100; i++)); do
+    redis_running && redis-cli -p "$1" ping 2>/dev/null | grep -q PONG && return 0
+    grep -q 'Could not create server TCP\|Address already in use' "$d/redis.log" && return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+start_redis() {
+  local d=$DIR/redis port try
+  redis_running && return 0
+  if [[ ! -f $d/port ]]; then
+    stop_redis
+    rm -rf "$d"
+    mkdir -p "$d"
+    for try in 1 2 3; do
+      port=$(pick_port)
+      redis_write_conf "$port"
+      redis_launch "$port" && echo "$port" >"$d/port" && return 0
+      if ((try == 3)) || ! grep -q 'Address already in use' "$d/redis.log"; then break; fi
+      log "redis port $port taken, retrying"
+    done
+  else
+    redis_launch "$(<"$d/port")" && return 0
+  fi
+  tail -n 30 "$d/redis.log" >&2
+  die "redis failed to start"
+}
+
+stop_redis() {
+  local pid i
+  pid=$(redis_pid)
+  redis_running || return 0
+  redis-cli -p "$(sed -n 's/^port //p' "$DIR/redis/redis.conf")" shutdown nosave >/dev/null 2>&1 \
+    || kill "$pid" 2>/dev/null || true
+  for ((i = 0; i < 100; i++)); do alive "$pid" redis-server || return 0; sleep 0.1; done
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+# ------------------------------------------------------------------ kafka ---
+
+kafka_java() { # CLASS [ARGS...] with the quiet tools logging
+  java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
+    -Dlog4j2.configurationFile="$HERE/kafka/log4j2-tools.properties" \
+    -cp "$KAFKA_HOME/libs/*" "$@"
+}
+
+kafka_pid() { cat "$DIR/kafka/kafka.pid" 2>/dev/null || true; }
+kafka_running() { alive "$(kafka_pid)" kafka.Kafka; }
+
+kafka_write_conf() { # BROKER_PORT CONTROLLER_PORT
+  local d=$DIR/kafka
+  # Single combined KRaft node with a static quorum (controller.quorum.voters),
+  # so storage is formatted without --standalone. Internal topics get one
+  # replica and one partition: one broker, and fewer partitions start faster.
+  cat >"$d/server.properties" <<EOF
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$2
+listeners=PLAINTEXT://127.0.0.1:$1,CONTROLLER://127.0.0.1:$2
+advertised.listeners=PLAINTEXT://127.0.0.1:$1
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+controller.listener.names=CONTROLLER
+log.dirs=$d/data
+num.partitions=1
+auto.create.topics.enable=true
+group.initial.rebalance.delay.ms=0
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+share.coordinator.state.topic.num.partitions=1
+num.network.threads=2
+num.io.threads=2
+EOF
+}
+
+kafka_format() {
+  local d=$DIR/kafka id
+  # Cluster ids are base64url UUIDs; Kafka rejects ones starting with '-'.
+  id=$(python3 -c 'import base64,uuid
+while True:
+    s = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    if not s.startswith("-"): print(s); break')
+  kafka_java kafka.tools.StorageTool format -t "$id" -c "$d/server.properties" >"$d/format.log" 2>&1 \
+    || { cat "$d/format.log" >&2; die "kafka storage format failed"; }
+}
+
+# Start the broker detached (own session, no inherited stdio, so CI pipes and
+# Ctrl-C of a caller don't reach it) and wait until it reports itself started.
+kafka_launch() { # BROKER_PORT
+  local d=$DIR/kafka pid i
+  : >"$d/kafka.log"
+  rm -f "$d/kafka.pid"
+  # The wrapper records its own pid and execs java, so the pid file is right
+  # even if setsid has to fork.
+  # shellcheck disable=SC2016 # $$ and $0 belong to the inner bash
+  setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$d/kafka.pid" \
+    java "${KAFKA_JVM_OPTS[@]}" \
+    -Dlog4j2.configurationFile="$HERE/kafka/log4j2-broker.properties" \
+    -cp "$KAFKA_HOME/libs/*" kafka.Kafka "$d/server.properties" \
+    </dev/null >>"$d/kafka.log" 2>&1 &
+  for ((i = 0; i < 50; i++)); do [[ -s $d/kafka.pid ]] && break; sleep 0.1; done
+  pid=$(kafka_pid)
+  for ((i = 0; i < KAFKA_TIMEOUT * 5; i++)); do
+    alive "$pid" kafka.Kafka || return 1
+    grep -q 'Kafka Server started' "$d/kafka.log" && port_open "$1" && return 0
+    sleep 0.2
+  done
+  log "kafka not ready after ${KAFKA_TIMEOUT}s"
+  kill -KILL "$pid" 2>/dev/null || true
+  return 1
+}
+
+start_kafka() {
+  local d=$DIR/kafka try port cport
+  kafka_running && return 0
+  if [[ ! -f $d/port ]]; then
+    stop_kafka
+    for try in 1 2 3; do
+      rm -rf "$d"
+      mkdir -p "$d"
+      port=$(pick_port)
+      cport=$(pick_port)
+      kafka_write_conf "$port" "$cport"
+      kafka_format
+      kafka_launch "$port" && echo "$port" >"$d/port" && return 0
+      if ((try == 3)) || ! grep -q 'Address already in use' "$d/kafka.log"; then break; fi
+      log "kafka port taken, retrying with new ports"
+    done
+  else
+    kafka_launch "$(<"$d/port")" && return 0
+  fi
+  tail -n 40 "$d/kafka.log" >&2
+  die "kafka failed to start (log: $d/kafka.log)"
+}
+
+stop_kafka() {
+  local pid i
+  pid=$(kafka_pid)
+  kafka_running || return 0
+  kill -TERM "$pid" 2>/dev/null || true # triggers Kafka's clean shutdown hook
+  for ((i = 0; i < 100; i++)); do alive "$pid" kafka.Kafka || return 0; sleep 0.2; done
+  log "kafka did not stop within 20s, killing"
+  kill -KILL "$pid" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------- env/cli ---
+
+# The env file lists every service configured under DIR.
+write_env() {
+  local f=$DIR/env p
+  kv() { printf 'export %s=%q\n' "$1" "$2"; }
+  {
+    kv FRESHET_SERVICES_DIR "$DIR"
+    if [[ -f $DIR/postgres/port ]]; then
+      p=$(<"$DIR/postgres/port")
+      kv FRESHET_DATABASE_URL "postgres://freshet@127.0.0.1:$p/freshet"
+      kv FRESHET_PG_PORT "$p"
+      kv FRESHET_PG_BIN "$PG_BIN"
+      kv FRESHET_PG_DATA "$DIR/postgres/data"
+    fi
+    if [[ -f $DIR/redis/port ]]; then
+      p=$(<"$DIR/redis/port")
+      kv FRESHET_REDIS_URL "redis://127.0.0.1:$p/"
+      kv FRESHET_REDIS_PORT "$p"
+    fi
+    if [[ -f $DIR/kafka/port ]]; then
+      kv FRESHET_KAFKA_BROKERS "127.0.0.1:$(<"$DIR/kafka/port")"
+    fi
+  } >"$f.tmp"
+  mv "$f.tmp" "$f"
+}
+
+set_dir() { # DIR -> absolute $DIR
+  [[ -n ${1:-} ]] || die "missing DIR (see the header of $0)"
+  mkdir -p "$1"
+  DIR=$(cd "$1" && pwd)
+}
+
+cmd_start() {
+  local only=postgres,redis,kafka svc t0 ms
+  if [[ ${1:-} == --only ]]; then only=${2:?--only needs a list}; shift 2; fi
+  if [[ ${1:-} == --only=* ]]; then only=${1#--only=}; shift; fi
+  set_dir "${1:-}"
+  for svc in ${only//,/ }; do
+    [[ $svc =~ ^(postgres|redis|kafka)$ ]] || die "unknown service '$svc' (postgres,redis,kafka)"
+  done
+  ensure_installed
+  for svc in ${only//,/ }; do
+    t0=${EPOCHREALTIME/./}
+    "start_$svc"
+    ms=$(((${EPOCHREALTIME/./} - t0) / 1000))
+    log "$svc ready on 127.0.0.1:$(<"$DIR/$svc/port") in $((ms / 1000)).$((ms % 1000 / 100))s"
+  done
+  write_env
+  cat "$DIR/env"
+}
+
+cmd_stop() {
+  set_dir "${1:-}"
+  # Kafka first: it is the slowest, and nothing depends on it here.
+  stop_kafka
+  stop_redis
+  stop_postgres
+}
+
+main() {
+  local cmd=${1:-}
+  shift || true
+  case $cmd in
+    install) cmd_install ;;
+    start) cmd_start "$@" ;;
+    stop) cmd_stop "$@" ;;
+    env) set_dir "${1:-}"; cat "$DIR/env" ;;
+    pg-stop) set_dir "${1:-}"; stop_postgres ;;
+    pg-start) set_dir "${1:-}"; [[ -f $DIR/postgres/port ]] || die "no postgres under $DIR"; start_postgres ;;
+    redis-stop) set_dir "${1:-}"; stop_redis ;;
+    redis-start) set_dir "${1:-}"; [[ -f $DIR/redis/port ]] || die "no redis under $DIR"; start_redis ;;
+    kafka-stop) set_dir "${1:-}"; stop_kafka ;;
+    kafka-start) set_dir "${1:-}"; [[ -f $DIR/kafka/port ]] || die "no kafka under $DIR"; start_kafka ;;
+    kafka-cli) [[ -f $KAFKA_HOME/libs/.complete ]] || die "run '$0 install' first"; kafka_java "$@" ;;
+    *) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2 ;;
+  esac
+}
+
+main "$@"

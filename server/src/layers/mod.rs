@@ -1,0 +1,35 @@
+//! The server's cross-cutting concerns, each a small tower layer, composed
+//! here and nowhere else. Outermost first:
+//!
+//! 1. [`deadline`]: the caller's `grpc-timeout` (or the server default) bounds
+//!    the call; expiry answers `DEADLINE_EXCEEDED`.
+//! 2. [`shed`]: at most N calls in flight; the next is refused at once with
+//!    `RESOURCE_EXHAUSTED` rather than queued (a fast "no" beats a slow "yes").
+//!
+//! Health checks pass through the shedding so an overloaded server is not
+//! also declared dead by its orchestrator.
+
+pub mod deadline;
+pub mod shed;
+
+use std::time::Duration;
+
+use tower::{ServiceBuilder, layer::util::Stack};
+
+pub struct Limits {
+    pub max_in_flight: usize,
+    pub default_deadline: Duration,
+}
+
+pub type Layers = Stack<shed::ShedLayer, Stack<deadline::DeadlineLayer, tower::layer::util::Identity>>;
+
+pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
+    ServiceBuilder::new()
+        .layer(deadline::DeadlineLayer::new(limits.default_deadline))
+        .layer(shed::ShedLayer::new(limits.max_in_flight))
+}
+
+/// Paths that bypass admission control.
+fn exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+}

@@ -1,0 +1,174 @@
+//! `freshet-server`: serves features over gRPC.
+//!
+//! `serve` runs the FeatureService with health checking and reflection behind
+//! the admission layers of `layers/`; `migrate` applies the store's schema;
+//! `views` checks a feature-view file and prints what it declares.
+
+mod freshness;
+mod layers;
+mod reader;
+mod request;
+mod service;
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use freshet_proto::v1::{FILE_DESCRIPTOR_SET, feature_service_server::FeatureServiceServer};
+use freshet_store::{db, view::Catalog};
+use tonic_health::ServingStatus;
+
+#[derive(Parser)]
+#[command(name = "freshet-server", version, about = "Serves Freshet's features over gRPC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve GetFeatures, GetFreshness and ListFeatureViews.
+    Serve(ServeArgs),
+    /// Apply the store's migrations to the database.
+    Migrate(DbArgs),
+    /// Check a feature-view file and print what it declares.
+    Views(ViewsArgs),
+}
+
+#[derive(Args)]
+struct DbArgs {
+    /// Postgres URL of Freshet's store.
+    #[arg(long, env = "FRESHET_DATABASE_URL")]
+    database_url: String,
+}
+
+#[derive(Args)]
+struct ViewsArgs {
+    /// Feature-view file (TOML).
+    #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
+    views: PathBuf,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    #[command(flatten)]
+    views: ViewsArgs,
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    #[arg(long, env = "FRESHET_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Ingest's consumer group, whose progress GetFreshness reports.
+    #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
+    group: String,
+    /// Calls in flight before new ones are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT", default_value_t = 256)]
+    max_in_flight: usize,
+    /// Deadline for calls that bring none (and cap for those that do), in ms.
+    #[arg(long, env = "FRESHET_DEFAULT_DEADLINE_MS", default_value_t = 1000)]
+    default_deadline_ms: u64,
+    /// Entities per GetFeatures request.
+    #[arg(long, env = "FRESHET_MAX_ENTITIES", default_value_t = 1000)]
+    max_entities: usize,
+    /// Largest request message accepted, in bytes.
+    #[arg(long, env = "FRESHET_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
+    max_request_bytes: usize,
+    /// Postgres connections.
+    #[arg(long, env = "FRESHET_DB_CONNECTIONS", default_value_t = 16)]
+    db_connections: u32,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match Cli::parse().command {
+        Command::Migrate(args) => {
+            let pool = db::connect(&args.database_url, 1).await?;
+            db::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Command::Views(args) => {
+            let catalog = Catalog::load(&args.views)?;
+            for view in &catalog.views {
+                let features: Vec<&str> = view.features.iter().map(|f| f.name.as_str()).collect();
+                println!("{}: {} features from {:?}: {}", view.name, features.len(), view.source.topics, features.join(", "));
+            }
+        }
+        Command::Serve(args) => serve(args).await?,
+    }
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let catalog = Arc::new(Catalog::load(&args.views.views)?);
+    let pool = db::connect(&args.db.database_url, args.db_connections).await?;
+    db::ensure_migrated(&pool).await?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<FeatureServiceServer<service::Features>>().await;
+    tokio::spawn(watch_store(health.clone(), pool.clone()));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let features = service::Features {
+        catalog,
+        reader: reader::Reader { pool: pool.clone() },
+        pool,
+        group: args.group,
+        max_entities: args.max_entities,
+    };
+    let limits = layers::Limits {
+        max_in_flight: args.max_in_flight,
+        default_deadline: Duration::from_millis(args.default_deadline_ms),
+    };
+
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    // Tests and scripts read this line to find the port.
+    println!("freshet-server listening on {address}");
+    tracing::info!(%address, "serving");
+
+    tonic::transport::Server::builder()
+        .layer(layers::compose(&limits))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Health follows the ability to answer: NOT_SERVING while Postgres is unreachable.
+async fn watch_store(health: tonic_health::server::HealthReporter, pool: sqlx::PgPool) {
+    let service = <FeatureServiceServer<service::Features> as tonic::server::NamedService>::NAME;
+    let mut last = None;
+    loop {
+        let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
+        if last != Some(ok) {
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(service, status).await;
+            health.set_service_status("", status).await;
+            last = Some(ok);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,223 @@
+//! The FeatureService: where features are served.
+//!
+//! GetFeatures resolves and validates the request (`request.rs`), reads every
+//! (view, entity) state it needs in one round trip (`reader.rs`), and
+//! evaluates each feature as of the moment it answers, enforcing max age.
+
+use std::{sync::Arc, time::Duration};
+
+use freshet_proto::v1::{
+    EntityFeatures, Feature as ProtoFeature, FeatureStatus, FeatureValue, FeatureView as ProtoView, GetFeaturesRequest,
+    GetFeaturesResponse, GetFreshnessRequest, GetFreshnessResponse, ListFeatureViewsRequest, ListFeatureViewsResponse,
+    PartitionFreshness, Value, ValueType as ProtoType, ViewFreshness, feature_service_server::FeatureService, value::Kind,
+};
+use freshet_store::{
+    offsets,
+    state::{Reading, Scalar},
+    view::{Catalog, FeatureView, KeyType, ValueType},
+};
+use sqlx::PgPool;
+use tonic::{Request, Response, Status};
+
+use crate::{freshness, reader::Reader, request};
+
+pub struct Features {
+    pub catalog: Arc<Catalog>,
+    pub reader: Reader,
+    pub pool: PgPool,
+    /// Ingest's consumer group, whose progress GetFreshness reports.
+    pub group: String,
+    pub max_entities: usize,
+}
+
+#[tonic::async_trait]
+impl FeatureService for Features {
+    async fn get_features(&self, request: Request<GetFeaturesRequest>) -> Result<Response<GetFeaturesResponse>, Status> {
+        let request = request.into_inner();
+        let plan = request::plan(&self.catalog, &request, self.max_entities)?;
+        let now_ms = now_ms();
+        let states = self.reader.read(&plan.views, &plan.entities).await?;
+        let results = request
+            .entities
+            .into_iter()
+            .zip(&plan.entities)
+            .map(|(key, entity)| EntityFeatures {
+                entity: Some(key),
+                values: plan
+                    .columns
+                    .iter()
+                    .map(|&(v, feature)| {
+                        let view = plan.views[v];
+                        let max_age = plan.max_age.map_or(view.max_age, |m| m.min(view.max_age));
+                        match states.get(&(view.name.clone(), entity.clone())) {
+                            None => FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None },
+                            Some(state) => feature_value(state.read(feature, now_ms), max_age, now_ms),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(GetFeaturesResponse {
+            feature_names: request.features,
+            results,
+            served_at: Some(timestamp(now_ms)),
+        }))
+    }
+
+    async fn get_freshness(&self, request: Request<GetFreshnessRequest>) -> Result<Response<GetFreshnessResponse>, Status> {
+        let asked = request.into_inner().views;
+        let views: Vec<&FeatureView> = if asked.is_empty() {
+            self.catalog.views.iter().collect()
+        } else {
+            asked
+                .iter()
+                .enumerate()
+                .map(|(i, name)| {
+                    self.catalog.view(name).ok_or_else(|| Status::invalid_argument(format!("views[{i}]: unknown feature view {name:?}")))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let topics = self.catalog.topics();
+        let statuses = offsets::status(&self.pool, &self.group, &topics).await.map_err(unavailable)?;
+        let now_ms = now_ms();
+        let views = views
+            .into_iter()
+            .map(|view| {
+                let partitions: Vec<PartitionFreshness> = statuses
+                    .iter()
+                    .filter(|p| view.source.topics.contains(&p.topic))
+                    .map(|p| PartitionFreshness {
+                        topic: p.topic.clone(),
+                        partition: p.partition,
+                        committed_offset: p.next_offset,
+                        high_watermark: p.high_watermark,
+                        lag_records: freshness::lag(p),
+                        newest_event_time: p.newest_event_ms.map(timestamp),
+                        last_commit_time: p.last_commit_ms.map(timestamp),
+                        verdict: freshness::verdict(p, view.freshness_budget, now_ms) as i32,
+                    })
+                    .collect();
+                let age_ms = statuses
+                    .iter()
+                    .filter(|p| view.source.topics.contains(&p.topic) && freshness::lag(p) > 1)
+                    .map(|p| p.newest_event_ms.map_or(0, |t| (now_ms - t).max(0)))
+                    .max()
+                    .unwrap_or(0);
+                ViewFreshness {
+                    view: view.name.clone(),
+                    budget: Some(duration(view.freshness_budget)),
+                    age: Some(duration(Duration::from_millis(age_ms as u64))),
+                    verdict: freshness::worst(partitions.iter().map(|p| p.verdict())) as i32,
+                    partitions,
+                }
+            })
+            .collect();
+        Ok(Response::new(GetFreshnessResponse { views, served_at: Some(timestamp(now_ms)) }))
+    }
+
+    async fn list_feature_views(&self, _: Request<ListFeatureViewsRequest>) -> Result<Response<ListFeatureViewsResponse>, Status> {
+        Ok(Response::new(list_views(&self.catalog)))
+    }
+}
+
+pub fn list_views(catalog: &Catalog) -> ListFeatureViewsResponse {
+    let views = catalog
+        .views
+        .iter()
+        .map(|v| ProtoView {
+            name: v.name.clone(),
+            description: v.description.clone(),
+            entity: v.entity.clone(),
+            entity_type: match v.entity_type {
+                KeyType::Int64 => ProtoType::Int64,
+                KeyType::String => ProtoType::String,
+            } as i32,
+            topics: v.source.topics.clone(),
+            max_age: Some(duration(v.max_age)),
+            freshness_budget: Some(duration(v.freshness_budget)),
+            features: v
+                .features
+                .iter()
+                .map(|f| ProtoFeature {
+                    name: f.name.clone(),
+                    aggregation: f.aggregation.as_str().into(),
+                    field: f.field.clone().unwrap_or_default(),
+                    r#type: proto_type(f.value_type()) as i32,
+                    window: f.window.map(duration),
+                    description: f.description.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    ListFeatureViewsResponse { views }
+}
+
+/// Turns a reading into what the client sees, enforcing `max_age`.
+fn feature_value(reading: Reading, max_age: Duration, now_ms: i64) -> FeatureValue {
+    let too_old = |at_ms: i64| now_ms.saturating_sub(at_ms) > max_age.as_millis() as i64;
+    let (value, status, at_ms) = match reading {
+        Reading::Value { at_ms, .. } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
+        Reading::Null { at_ms: Some(at_ms) } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
+        Reading::Value { value, at_ms } => (Some(proto_value(value)), FeatureStatus::Present, Some(at_ms)),
+        Reading::Null { at_ms } => (None, FeatureStatus::NullValue, at_ms),
+    };
+    FeatureValue { value, status: status as i32, event_time: at_ms.map(timestamp) }
+}
+
+fn proto_value(value: Scalar) -> Value {
+    let kind = match value {
+        Scalar::Null => Kind::NullValue(0),
+        Scalar::Int(i) => Kind::Int64Value(i),
+        Scalar::Double(d) => Kind::DoubleValue(d),
+        Scalar::Str(s) => Kind::StringValue(s),
+        Scalar::Bool(b) => Kind::BoolValue(b),
+        Scalar::Time(ms) => Kind::TimestampValue(timestamp(ms)),
+    };
+    Value { kind: Some(kind) }
+}
+
+fn proto_type(t: ValueType) -> ProtoType {
+    match t {
+        ValueType::Int64 => ProtoType::Int64,
+        ValueType::Double => ProtoType::Double,
+        ValueType::String => ProtoType::String,
+        ValueType::Bool => ProtoType::Bool,
+        ValueType::Timestamp => ProtoType::Timestamp,
+    }
+}
+
+pub fn unavailable(e: sqlx::Error) -> Status {
+    tracing::warn!(error = %e, "store unavailable");
+    Status::unavailable("the feature store is unavailable; retry with backoff")
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_age_is_enforced_not_left_to_the_client() {
+        let hour = Duration::from_secs(3600);
+        let now = 10_000_000;
+        let fresh = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 1000 }, hour, now);
+        assert_eq!(fresh.status(), FeatureStatus::Present);
+        assert_eq!(fresh.value.unwrap().kind, Some(Kind::Int64Value(3)));
+        let stale = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 3_600_001 }, hour, now);
+        assert_eq!(stale.status(), FeatureStatus::OutsideMaxAge);
+        assert!(stale.value.is_none(), "a stale value is not returned");
+        assert_eq!(feature_value(Reading::Null { at_ms: None }, hour, now).status(), FeatureStatus::NullValue);
+        assert_eq!(feature_value(Reading::Null { at_ms: Some(0) }, hour, now).status(), FeatureStatus::OutsideMaxAge);
+    }
+}

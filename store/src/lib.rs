@@ -1,0 +1,12 @@
+//! What Freshet's ingest and server share.
+//!
+//! - [`view`]: the feature-view file: what is computed and served.
+//! - [`state`]: the feature math: tiles, windows, last values.
+//! - [`db`], [`entities`], [`offsets`]: the Postgres store: schema,
+//!   per-entity feature state, and per-partition progress with fencing.
+
+pub mod db;
+pub mod entities;
+pub mod offsets;
+pub mod state;
+pub mod view;

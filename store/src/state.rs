@@ -1,0 +1,398 @@
+//! The state of one entity in one view, and the feature math on it.
+//!
+//! Windowed aggregations are kept as *tiles*: partial aggregates (count, sum,
+//! min, max, newest event time) of the events whose event time falls in one
+//! fixed bucket. Ingest adds events to tiles; the server evaluates a window as
+//! of the moment it answers by combining the tiles that overlap it, so "events
+//! in the last 10 s" decays with no new events. A tile is 1/50 of its window
+//! (at least 100 ms), so a window's edge is exact to 2% of its length.
+//! Tiles are sparse and pruned once no window at or after the entity's newest
+//! event can reach them, which bounds the state per entity.
+//!
+//! `last` values carry their event time and are only replaced by an event at
+//! least as new, so an older event never overwrites a newer one.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::view::{Aggregation, Feature, FeatureView, ValueType};
+
+/// A value taken from a source record, already checked against its declared type.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Scalar {
+    Null,
+    Int(i64),
+    Double(f64),
+    Str(String),
+    Bool(bool),
+    /// Milliseconds since the Unix epoch.
+    Time(i64),
+}
+
+impl Scalar {
+    fn as_f64(&self) -> Option<f64> {
+        match self {
+            Scalar::Int(i) => Some(*i as f64),
+            Scalar::Double(d) => Some(*d),
+            _ => None,
+        }
+    }
+}
+
+/// One decoded source event, as far as a view cares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Canonical text of the entity key.
+    pub entity: String,
+    /// Event time, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// The fields the view's features read; absent fields are not here.
+    pub fields: BTreeMap<String, Scalar>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Tile {
+    #[serde(rename = "s")]
+    pub start_ms: i64,
+    #[serde(rename = "c")]
+    pub count: i64,
+    #[serde(rename = "u")]
+    pub sum: f64,
+    #[serde(rename = "l")]
+    pub min: f64,
+    #[serde(rename = "h")]
+    pub max: f64,
+    #[serde(rename = "n")]
+    pub newest_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastValue {
+    pub at_ms: i64,
+    pub value: Scalar,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EntityState {
+    /// Newest event time applied to this entity.
+    pub newest_ms: i64,
+    /// Tile series by `series_key`, each sorted by start.
+    pub series: BTreeMap<String, Vec<Tile>>,
+    /// `last` features by name.
+    pub last: BTreeMap<String, LastValue>,
+}
+
+/// What a feature reads as at some instant, before max-age is applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reading {
+    Value { value: Scalar, at_ms: i64 },
+    /// No value; `at_ms` is the newest event that says so, if any.
+    Null { at_ms: Option<i64> },
+}
+
+pub fn tile_width_ms(window_ms: i64) -> i64 {
+    (window_ms / 50).max(100)
+}
+
+/// Features over the same field with the same tile width share one series.
+fn series_key(feature: &Feature) -> Option<String> {
+    let window = feature.window?;
+    let width = tile_width_ms(window.as_millis() as i64);
+    Some(format!("{}@{width}", feature.field.as_deref().unwrap_or("*")))
+}
+
+/// How an event changes tiles.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Direction {
+    Add,
+    Retract,
+}
+
+impl EntityState {
+    /// Applies (or, for `Retract`, takes back) one event. `in_windows` is false
+    /// for an event later than the allowed lateness: it still updates `last`
+    /// values (guarded by event time) but not windows.
+    pub fn apply(&mut self, view: &FeatureView, event: &Event, direction: Direction, in_windows: bool) {
+        if direction == Direction::Add {
+            self.newest_ms = self.newest_ms.max(event.at_ms);
+        }
+        let mut touched: Vec<String> = Vec::new();
+        for feature in &view.features {
+            if feature.aggregation == Aggregation::Last {
+                if direction == Direction::Add {
+                    self.apply_last(feature, event);
+                }
+                continue;
+            }
+            let Some(key) = series_key(feature) else { continue };
+            if !in_windows || touched.contains(&key) {
+                continue;
+            }
+            let value = match &feature.field {
+                None => Some(0.0),
+                Some(field) => event.fields.get(field).and_then(Scalar::as_f64),
+            };
+            if let Some(value) = value {
+                let width = tile_width_ms(feature.window.unwrap().as_millis() as i64);
+                update_tile(self.series.entry(key.clone()).or_default(), event.at_ms, width, value, direction);
+            }
+            touched.push(key);
+        }
+        self.prune(view);
+    }
+
+    fn apply_last(&mut self, feature: &Feature, event: &Event) {
+        let field = feature.field.as_deref().unwrap_or_default();
+        let Some(value) = event.fields.get(field) else { return };
+        let newer = self.last.get(&feature.name).is_none_or(|old| old.at_ms <= event.at_ms);
+        if newer {
+            self.last.insert(feature.name.clone(), LastValue { at_ms: event.at_ms, value: value.clone() });
+        }
+    }
+
+    /// Drops tiles no window evaluated at or after `newest_ms` can overlap.
+    fn prune(&mut self, view: &FeatureView) {
+        for feature in &view.features {
+            let (Some(key), Some(window)) = (series_key(feature), feature.window) else { continue };
+            let window_ms = window.as_millis() as i64;
+            let width = tile_width_ms(window_ms);
+            // Several windows may share a series only if they share a width;
+            // keep what the longest of them needs.
+            let horizon = view
+                .features
+                .iter()
+                .filter(|f| series_key(f).as_deref() == Some(key.as_str()))
+                .filter_map(|f| f.window)
+                .map(|w| w.as_millis() as i64)
+                .max()
+                .unwrap_or(window_ms);
+            if let Some(tiles) = self.series.get_mut(&key) {
+                tiles.retain(|t| t.start_ms + width > self.newest_ms - horizon);
+                if tiles.is_empty() {
+                    self.series.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Evaluates `feature` as of `now_ms`.
+    pub fn read(&self, feature: &Feature, now_ms: i64) -> Reading {
+        if feature.aggregation == Aggregation::Last {
+            return match self.last.get(&feature.name) {
+                Some(LastValue { value: Scalar::Null, at_ms }) => Reading::Null { at_ms: Some(*at_ms) },
+                Some(last) => Reading::Value { value: last.value.clone(), at_ms: last.at_ms },
+                None => Reading::Null { at_ms: None },
+            };
+        }
+        let window_ms = feature.window.map(|w| w.as_millis() as i64).unwrap_or_default();
+        let width = tile_width_ms(window_ms);
+        let empty = Vec::new();
+        let tiles = series_key(feature).and_then(|k| self.series.get(&k)).unwrap_or(&empty);
+        let mut total = Tile { start_ms: 0, count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY, newest_ms: i64::MIN };
+        for tile in tiles.iter().filter(|t| t.start_ms + width > now_ms - window_ms) {
+            total.count += tile.count;
+            total.sum += tile.sum;
+            total.min = total.min.min(tile.min);
+            total.max = total.max.max(tile.max);
+            total.newest_ms = total.newest_ms.max(tile.newest_ms);
+        }
+        let at_ms = if total.count > 0 { total.newest_ms } else { self.newest_ms };
+        let typed = |x: f64| match feature.field_type {
+            ValueType::Int64 => Scalar::Int(x.round() as i64),
+            _ => Scalar::Double(x),
+        };
+        let value = match feature.aggregation {
+            Aggregation::Count => Scalar::Int(total.count),
+            Aggregation::Sum => typed(total.sum),
+            _ if total.count == 0 => return Reading::Null { at_ms: Some(at_ms) },
+            Aggregation::Min => typed(total.min),
+            Aggregation::Max => typed(total.max),
+            Aggregation::Avg => Scalar::Double(total.sum / total.count as f64),
+            Aggregation::Last => unreachable!("handled above"),
+        };
+        Reading::Value { value, at_ms }
+    }
+}
+
+fn update_tile(tiles: &mut Vec<Tile>, at_ms: i64, width: i64, value: f64, direction: Direction) {
+    let start_ms = at_ms.div_euclid(width) * width;
+    let position = tiles.binary_search_by_key(&start_ms, |t| t.start_ms);
+    match (position, direction) {
+        (Ok(i), Direction::Add) => {
+            let t = &mut tiles[i];
+            t.count += 1;
+            t.sum += value;
+            t.min = t.min.min(value);
+            t.max = t.max.max(value);
+            t.newest_ms = t.newest_ms.max(at_ms);
+        }
+        (Err(i), Direction::Add) => {
+            tiles.insert(i, Tile { start_ms, count: 1, sum: value, min: value, max: value, newest_ms: at_ms });
+        }
+        (Ok(i), Direction::Retract) => {
+            // min and max cannot be taken back; views that retract declare none.
+            tiles[i].count -= 1;
+            tiles[i].sum -= value;
+            if tiles[i].count <= 0 {
+                tiles.remove(i);
+            }
+        }
+        (Err(_), Direction::Retract) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::Catalog;
+
+    const VIEWS: &str = r#"
+[[view]]
+name = "orders"
+entity = "user_id"
+entity_type = "int64"
+max_age = "1d"
+freshness_budget = "5s"
+[view.source]
+topics = ["orders"]
+format = "json"
+event_time = "at"
+on_delete = "retract"
+[[view.feature]]
+name = "n_10s"
+aggregation = "count"
+window = "10s"
+[[view.feature]]
+name = "n_1h"
+aggregation = "count"
+window = "1h"
+[[view.feature]]
+name = "spend_1h"
+aggregation = "sum"
+field = "amount"
+type = "double"
+window = "1h"
+[[view.feature]]
+name = "avg_1h"
+aggregation = "avg"
+field = "amount"
+type = "double"
+window = "1h"
+[[view.feature]]
+name = "items_1h"
+aggregation = "sum"
+field = "items"
+type = "int64"
+window = "1h"
+[[view.feature]]
+name = "last_status"
+aggregation = "last"
+field = "status"
+type = "string"
+"#;
+
+    fn view() -> FeatureView {
+        Catalog::parse(VIEWS, "t").unwrap().views.remove(0)
+    }
+
+    fn event(at_ms: i64, amount: f64, status: &str) -> Event {
+        let mut fields = BTreeMap::new();
+        fields.insert("amount".into(), Scalar::Double(amount));
+        fields.insert("items".into(), Scalar::Int(2));
+        fields.insert("status".into(), Scalar::Str(status.into()));
+        Event { entity: "1".into(), at_ms, fields }
+    }
+
+    fn value(state: &EntityState, view: &FeatureView, name: &str, now: i64) -> Reading {
+        state.read(view.feature(name).unwrap(), now)
+    }
+
+    #[test]
+    fn windows_decay_as_time_passes() {
+        let view = view();
+        let mut s = EntityState::default();
+        let t0 = 1_700_000_000_000;
+        for i in 0..5 {
+            s.apply(&view, &event(t0 + i * 1000, 10.0, "a"), Direction::Add, true);
+        }
+        let now = t0 + 4000;
+        assert_eq!(value(&s, &view, "n_10s", now), Reading::Value { value: Scalar::Int(5), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "spend_1h", now), Reading::Value { value: Scalar::Double(50.0), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "items_1h", now), Reading::Value { value: Scalar::Int(10), at_ms: t0 + 4000 });
+        // 12.5 s after the first event only the last two are inside 10 s.
+        let later = t0 + 12_500;
+        assert_eq!(value(&s, &view, "n_10s", later), Reading::Value { value: Scalar::Int(2), at_ms: t0 + 4000 });
+        // Much later, the 10 s window is empty but the hour still counts all.
+        let quiet = t0 + 60_000;
+        assert_eq!(value(&s, &view, "n_10s", quiet), Reading::Value { value: Scalar::Int(0), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "n_1h", quiet), Reading::Value { value: Scalar::Int(5), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "avg_1h", quiet), Reading::Value { value: Scalar::Double(10.0), at_ms: t0 + 4000 });
+        // Past the hour, averages have nothing to say.
+        assert_eq!(value(&s, &view, "avg_1h", t0 + 7_200_000), Reading::Null { at_ms: Some(t0 + 4000) });
+    }
+
+    #[test]
+    fn older_event_never_overwrites_newer_last_value() {
+        let view = view();
+        let mut s = EntityState::default();
+        s.apply(&view, &event(2000, 1.0, "new"), Direction::Add, true);
+        s.apply(&view, &event(1000, 1.0, "old"), Direction::Add, true);
+        assert_eq!(value(&s, &view, "last_status", 3000), Reading::Value { value: Scalar::Str("new".into()), at_ms: 2000 });
+    }
+
+    #[test]
+    fn retract_takes_an_event_back() {
+        let view = view();
+        let mut s = EntityState::default();
+        let e1 = event(1000, 5.0, "a");
+        let e2 = event(1500, 7.0, "b");
+        s.apply(&view, &e1, Direction::Add, true);
+        s.apply(&view, &e2, Direction::Add, true);
+        s.apply(&view, &e1, Direction::Retract, true);
+        assert_eq!(value(&s, &view, "n_1h", 2000), Reading::Value { value: Scalar::Int(1), at_ms: 1500 });
+        assert_eq!(value(&s, &view, "spend_1h", 2000), Reading::Value { value: Scalar::Double(7.0), at_ms: 1500 });
+    }
+
+    #[test]
+    fn too_late_events_stay_out_of_windows() {
+        let view = view();
+        let mut s = EntityState::default();
+        s.apply(&view, &event(1000, 5.0, "a"), Direction::Add, false);
+        assert_eq!(value(&s, &view, "n_1h", 2000), Reading::Value { value: Scalar::Int(0), at_ms: 1000 });
+        assert_eq!(value(&s, &view, "last_status", 2000), Reading::Value { value: Scalar::Str("a".into()), at_ms: 1000 });
+    }
+
+    #[test]
+    fn old_tiles_are_pruned() {
+        let view = view();
+        let mut s = EntityState::default();
+        for i in 0..10_000 {
+            s.apply(&view, &event(i * 1000, 1.0, "a"), Direction::Add, true);
+        }
+        // 10 000 s of events, one a second: the hour series keeps about an
+        // hour of 72 s tiles, the 10 s one about 10 s of 200 ms tiles.
+        assert!(s.series.values().all(|tiles| tiles.len() <= 52), "{:?}", s.series.values().map(Vec::len).collect::<Vec<_>>());
+    }
+
+    /// Shuffling events in event time gives the same windows and last values.
+    #[test]
+    fn order_of_arrival_does_not_matter() {
+        use rand::{SeedableRng, seq::SliceRandom};
+        let view = view();
+        for seed in 0..50u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let events: Vec<Event> = (0..200).map(|i| event(1_000_000 + (i * 7919) % 100_000, (i % 13) as f64, &format!("s{i}"))).collect();
+            let mut shuffled = events.clone();
+            shuffled.shuffle(&mut rng);
+            let (mut a, mut b) = (EntityState::default(), EntityState::default());
+            events.iter().for_each(|e| a.apply(&view, e, Direction::Add, true));
+            shuffled.iter().for_each(|e| b.apply(&view, e, Direction::Add, true));
+            for f in &view.features {
+                for now in [1_050_000, 1_100_000, 1_200_000] {
+                    assert_eq!(a.read(f, now), b.read(f, now), "seed {seed} feature {} at {now}", f.name);
+                }
+            }
+        }
+    }
+}
