@@ -12,8 +12,8 @@
 #   services.sh kafka-cli CLASS [ARGS...]  run a Kafka CLI class (e.g.
 #                                          org.apache.kafka.tools.TopicCommand)
 #
-# Nothing is shared between DIRs except the read-only caches, so several
-# instances may run at once. Environment:
+# DIRs share only the read-only caches and a small port-claims file under
+# $TMPDIR, so several instances may run at once. Environment:
 #   FRESHET_CACHE          cache for Kafka jars and grpcurl (~/.cache/freshet)
 #   FRESHET_KAFKA_VERSION  Kafka version to fetch from Maven Central (4.1.1)
 #   FRESHET_KAFKA_TIMEOUT  seconds to wait for the broker (90)
@@ -127,8 +127,10 @@ install_kafka() {
   log "fetching Kafka $KAFKA_VERSION jars with Maven"
   local tmp=$KAFKA_HOME/libs.tmp.$$
   rm -rf "$tmp"
-  mvn -q -B -f "$HERE/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
-    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp"
+  mkdir -p "$KAFKA_HOME"
+  mvn -B -f "$HERE/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$tmp" \
+    >"$KAFKA_HOME/mvn.log" 2>&1 || { tail -n 40 "$KAFKA_HOME/mvn.log" >&2; die "maven failed"; }
   echo "$want" >"$tmp/.complete"
   rm -rf "$libs"
   mv "$tmp" "$libs"
@@ -198,8 +200,18 @@ pg_launch() {
   # After a kill -9 the old postmaster may linger as a zombie until init reaps
   # it; postgres would see its pid in postmaster.pid and refuse to start.
   pid=$(pg_pid)
-  for ((i = 0; i < 100; i++)); do [[ -n $pid && -e /proc/$pid ]] || break; sleep 0.1; done
-  as_pg "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" -l "$DIR/postgres/postgres.log" -w -t 60 start >/dev/null
+  for ((i = 0; i < 100; i++)); do
+    [[ -n $pid && $(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) == Z ]] || break
+    sleep 0.1
+  done
+  as_pg "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" -l "$DIR/postgres/postgres.log" -w -t 60 start \
+    >"$DIR/postgres/pg_ctl.out" 2>&1
+}
+
+pg_fail() {
+  cat "$DIR/postgres/pg_ctl.out" >&2
+  tail -n 30 "$DIR/postgres/postgres.log" >&2
+  die "postgres failed to start (log: $DIR/postgres/postgres.log)"
 }
 
 pg_init() {
@@ -230,22 +242,20 @@ start_postgres() {
       pg_write_conf "$port"
       rm -f "$d/postgres.log"
       pg_launch && break
-      if ((try == 3)) || ! grep -q 'could not bind\|Address already in use' "$d/postgres.log"; then
-        tail -n 30 "$d/postgres.log" >&2
-        die "postgres failed to start"
-      fi
+      if ((try == 3)) || ! grep -q 'could not bind\|Address already in use' "$d/postgres.log"; then pg_fail; fi
       log "postgres port $port taken, retrying"
     done
     "$PG_BIN/createdb" -h 127.0.0.1 -p "$port" -U freshet -O freshet freshet
     echo "$port" >"$d/port"
   elif ! pg_running; then
-    pg_launch || { tail -n 30 "$d/postgres.log" >&2; die "postgres failed to start"; }
+    pg_launch || pg_fail
   fi
 }
 
 stop_postgres() {
   pg_running || return 0
-  as_pg "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" -m fast -w -t 60 stop >/dev/null
+  as_pg "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" -m fast -w -t 60 stop >/dev/null \
+    || as_pg "$PG_BIN/pg_ctl" -D "$DIR/postgres/data" -m immediate -w stop >/dev/null
 }
 
 # ------------------------------------------------------------------ redis ---
@@ -301,7 +311,7 @@ start_redis() {
     redis_launch "$(<"$d/port")" && return 0
   fi
   tail -n 30 "$d/redis.log" >&2
-  die "redis failed to start"
+  die "redis failed to start (log: $d/redis.log)"
 }
 
 stop_redis() {
@@ -453,9 +463,10 @@ write_env() {
   mv "$f.tmp" "$f"
 }
 
-set_dir() { # DIR -> absolute $DIR
+set_dir() { # DIR [create] -> absolute $DIR
   [[ -n ${1:-} ]] || die "missing DIR (see the header of $0)"
-  mkdir -p "$1"
+  [[ ${2:-} == create ]] && mkdir -p "$1"
+  [[ -d $1 ]] || die "no such directory: $1"
   DIR=$(cd "$1" && pwd)
 }
 
@@ -463,10 +474,10 @@ cmd_start() {
   local only=postgres,redis,kafka svc t0 ms
   if [[ ${1:-} == --only ]]; then only=${2:?--only needs a list}; shift 2; fi
   if [[ ${1:-} == --only=* ]]; then only=${1#--only=}; shift; fi
-  set_dir "${1:-}"
   for svc in ${only//,/ }; do
     [[ $svc =~ ^(postgres|redis|kafka)$ ]] || die "unknown service '$svc' (postgres,redis,kafka)"
   done
+  set_dir "${1:-}" create
   ensure_installed
   for svc in ${only//,/ }; do
     t0=${EPOCHREALTIME/./}
@@ -479,7 +490,8 @@ cmd_start() {
 }
 
 cmd_stop() {
-  set_dir "${1:-}"
+  [[ -d ${1:-} ]] || return 0 # nothing was ever started there
+  set_dir "$1"
   # Kafka first: it is the slowest, and nothing depends on it here.
   stop_kafka
   stop_redis
