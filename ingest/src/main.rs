@@ -1,1 +1,165 @@
-fn main(){}
+//! `freshet-ingest`: Kafka in, features out, exactly once.
+//!
+//! A record enters in `source/` (the rdkafka poll thread and the rebalance
+//! protocol), becomes events and features in `transform/`, and is committed
+//! with its offsets in one Postgres transaction by `sink/`; `pipeline.rs`
+//! drives batches between them.
+
+mod backoff;
+mod pipeline;
+mod sink;
+mod source;
+mod transform;
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use freshet_store::{db, view::Catalog};
+
+use crate::{
+    pipeline::{BatchLimits, Pipeline},
+    sink::dlq::DeadLetterQueue,
+    source::{InFlight, Settings, StartPolicy},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "freshet-ingest",
+    version,
+    about = "Consumes Kafka into Freshet's feature store, exactly once"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume the views' topics and commit features with offsets.
+    Run(RunArgs),
+    /// Apply the store's migrations to the database.
+    Migrate {
+        #[arg(long, env = "FRESHET_DATABASE_URL")]
+        database_url: String,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[arg(long, env = "FRESHET_DATABASE_URL")]
+    database_url: String,
+    #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
+    brokers: String,
+    #[arg(
+        long,
+        env = "FRESHET_VIEWS",
+        default_value = "deploy/views/reference.toml"
+    )]
+    views: PathBuf,
+    /// Consumer group: partitions are shared among its instances.
+    #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
+    group: String,
+    /// Static group membership (Kafka `group.instance.id`): a restarted
+    /// instance with the same id takes its partitions back at once, without
+    /// waiting for the session timeout. Give each replica its own.
+    #[arg(long, env = "FRESHET_INSTANCE_ID")]
+    instance_id: Option<String>,
+    /// Where to start partitions with no stored offset.
+    #[arg(long, env = "FRESHET_START", value_enum, default_value = "earliest")]
+    start: StartPolicy,
+    /// Records per batch (one Postgres transaction).
+    #[arg(long, env = "FRESHET_BATCH_RECORDS", default_value_t = 5000)]
+    batch_records: usize,
+    /// Bytes per batch.
+    #[arg(long, env = "FRESHET_BATCH_BYTES", default_value_t = 8 << 20)]
+    batch_bytes: usize,
+    /// How long a batch waits for more records after its first, in ms.
+    #[arg(long, env = "FRESHET_LINGER_MS", default_value_t = 5)]
+    linger_ms: u64,
+    /// Records held (queued or batched) before partitions are paused.
+    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_RECORDS", default_value_t = 20000)]
+    max_in_flight_records: usize,
+    /// Bytes held before partitions are paused.
+    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_BYTES", default_value_t = 32 << 20)]
+    max_in_flight_bytes: usize,
+    /// Commits slower than this (ms), three in a row, pause consumption.
+    #[arg(long, env = "FRESHET_SLOW_COMMIT_MS", default_value_t = 1000)]
+    slow_commit_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Migrate { database_url } => {
+            let pool = db::connect(&database_url, 1).await?;
+            db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Run(args) => run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let catalog = Arc::new(Catalog::load(&args.views)?);
+    let pool = db::connect(&args.database_url, 4).await?;
+    db::ensure_migrated(&pool).await?;
+    let owner = format!("{}-{}", hostname(), std::process::id());
+    let dlq = DeadLetterQueue::new(&args.brokers, &args.group, &owner)?;
+    let in_flight = Arc::new(InFlight::default());
+    let topics = catalog.topics();
+    tracing::info!(?topics, group = args.group, owner, "starting ingest");
+    let (events, commands, poll_thread) = source::spawn(
+        Settings {
+            brokers: args.brokers.clone(),
+            group: args.group.clone(),
+            instance_id: args.instance_id.clone(),
+            topics,
+            max_in_flight_records: args.max_in_flight_records,
+            max_in_flight_bytes: args.max_in_flight_bytes,
+        },
+        in_flight.clone(),
+    )?;
+    let pipeline = Pipeline::new(
+        catalog,
+        pool,
+        args.group,
+        owner,
+        args.start,
+        dlq,
+        in_flight,
+        commands,
+        BatchLimits {
+            max_records: args.batch_records,
+            max_bytes: args.batch_bytes,
+            linger: Duration::from_millis(args.linger_ms),
+            slow_commit: Duration::from_millis(args.slow_commit_ms),
+        },
+    );
+    pipeline.run(events, shutdown()).await;
+    tokio::task::spawn_blocking(move || poll_thread.join())
+        .await?
+        .ok();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "ingest".into())
+}

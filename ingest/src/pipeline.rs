@@ -1,0 +1,412 @@
+//! The async side of ingest: batching, ownership, commits, retries.
+//!
+//! Events from the poll thread are handled one at a time, in order, so a
+//! revocation is only answered after the batch before it has committed (or
+//! been dropped), and an assignment is only answered after the partitions
+//! are claimed in Postgres. Records of partitions this instance does not own,
+//! and records below the next expected offset (replays after a seek), are
+//! dropped: applying an offset twice is impossible by construction, and the
+//! compare-and-set in the commit catches the rest.
+//!
+//! A batch closes when it holds `max_records` or `max_bytes`, or `linger`
+//! after its first record. Batches are therefore small when ingest is caught
+//! up (freshness) and grow to the bound while it catches up (throughput),
+//! since records accumulate while a commit is in flight.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
+};
+
+use freshet_store::{
+    offsets::{self, DeadLetter},
+    view::Catalog,
+};
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+
+use crate::{
+    backoff::Backoff,
+    sink::{
+        commit::{self, CommitError, Failure, Item, Owned},
+        dlq::{DeadLetterQueue, Reason},
+    },
+    source::{Command, Record, SharedInFlight, SourceEvent, Start, StartPolicy, TopicPartition},
+    transform::decode::{self, Poison},
+};
+
+pub struct BatchLimits {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub linger: Duration,
+    /// Commits slower than this, several in a row, pause consumption.
+    pub slow_commit: Duration,
+}
+
+pub struct Pipeline {
+    pub catalog: Arc<Catalog>,
+    pub pool: PgPool,
+    pub group: String,
+    pub owner: String,
+    pub start_policy: StartPolicy,
+    pub dlq: DeadLetterQueue,
+    pub in_flight: SharedInFlight,
+    pub commands: std::sync::mpsc::Sender<Command>,
+    pub limits: BatchLimits,
+    owned: HashMap<TopicPartition, Owned>,
+    /// Next offset to accept per owned partition (`None`: the first that comes).
+    position: HashMap<TopicPartition, Option<i64>>,
+    batch: Vec<Record>,
+    batch_bytes: usize,
+    batch_started: Instant,
+    slow_commits: u32,
+}
+
+type Boxed<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+impl Pipeline {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        catalog: Arc<Catalog>,
+        pool: PgPool,
+        group: String,
+        owner: String,
+        start_policy: StartPolicy,
+        dlq: DeadLetterQueue,
+        in_flight: SharedInFlight,
+        commands: std::sync::mpsc::Sender<Command>,
+        limits: BatchLimits,
+    ) -> Self {
+        Self {
+            catalog,
+            pool,
+            group,
+            owner,
+            start_policy,
+            dlq,
+            in_flight,
+            commands,
+            limits,
+            owned: HashMap::new(),
+            position: HashMap::new(),
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_started: Instant::now(),
+            slow_commits: 0,
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        shutdown: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            let linger_end =
+                tokio::time::Instant::from_std(self.batch_started + self.limits.linger);
+            let event = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                event = events.recv() => event,
+                _ = tokio::time::sleep_until(linger_end), if !self.batch.is_empty() => {
+                    self.flush().await;
+                    continue;
+                }
+            };
+            match event {
+                None => break,
+                Some(SourceEvent::Record(record)) => {
+                    self.accept(record);
+                    if self.batch.len() >= self.limits.max_records
+                        || self.batch_bytes >= self.limits.max_bytes
+                    {
+                        self.flush().await;
+                    }
+                }
+                Some(SourceEvent::Assign { partitions, reply }) => {
+                    self.flush().await;
+                    let starts = self.claim(partitions).await;
+                    let _ = reply.send(starts);
+                }
+                Some(SourceEvent::Revoke { partitions, reply }) => {
+                    self.flush().await;
+                    for tp in &partitions {
+                        self.owned.remove(tp);
+                        self.position.remove(tp);
+                    }
+                    let _ = reply.send(());
+                }
+            }
+        }
+        tracing::info!("shutting down: committing the batch in flight");
+        self.flush().await;
+        let _ = self.commands.send(Command::Stop);
+        // Serve the revocation of leaving the group, and drop what is left.
+        while let Some(event) = events.recv().await {
+            match event {
+                SourceEvent::Record(r) => self.in_flight.release(1, r.size()),
+                SourceEvent::Revoke { reply, .. } => {
+                    let _ = reply.send(());
+                }
+                SourceEvent::Assign { .. } => {}
+            }
+        }
+    }
+
+    fn accept(&mut self, record: Record) {
+        let tp = (record.topic.clone(), record.partition);
+        let fresh = match self.position.get_mut(&tp) {
+            Some(next) if next.is_none_or(|n| record.offset >= n) => {
+                *next = Some(record.offset + 1);
+                true
+            }
+            _ => false,
+        };
+        if !fresh {
+            self.in_flight.release(1, record.size());
+            return;
+        }
+        if self.batch.is_empty() {
+            self.batch_started = Instant::now();
+        }
+        self.batch_bytes += record.size();
+        self.batch.push(record);
+    }
+
+    /// Claims `partitions` in the store (retrying until it answers) and says
+    /// where each starts.
+    async fn claim(&mut self, partitions: Vec<TopicPartition>) -> Vec<(TopicPartition, Start)> {
+        let mut by_topic: HashMap<String, Vec<i32>> = HashMap::new();
+        for (topic, partition) in partitions {
+            by_topic.entry(topic).or_default().push(partition);
+        }
+        let mut starts = Vec::new();
+        for (topic, partitions) in by_topic {
+            let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+            let claims = loop {
+                match offsets::claim(&self.pool, &self.group, &topic, &partitions, &self.owner)
+                    .await
+                {
+                    Ok(claims) => break claims,
+                    Err(e) => {
+                        let wait = backoff.next_delay();
+                        tracing::warn!(error = %e, topic, ?wait, "claiming partitions failed; retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            };
+            for claim in claims {
+                let tp = (topic.clone(), claim.partition);
+                let start = match (claim.next_offset, self.start_policy) {
+                    (Some(offset), _) => Start::Offset(offset),
+                    (None, StartPolicy::Earliest) => Start::Beginning,
+                    (None, StartPolicy::Latest) => Start::End,
+                };
+                tracing::info!(
+                    topic,
+                    partition = claim.partition,
+                    epoch = claim.epoch,
+                    ?start,
+                    "claimed"
+                );
+                self.owned.insert(
+                    tp.clone(),
+                    Owned {
+                        epoch: claim.epoch,
+                        stored: claim.next_offset.unwrap_or(-1),
+                        newest_ms: claim.newest_event_ms,
+                    },
+                );
+                self.position.insert(tp.clone(), claim.next_offset);
+                starts.push((tp, start));
+            }
+        }
+        starts
+    }
+
+    /// Decodes and commits the current batch; returns once it is committed
+    /// or its partitions are lost.
+    async fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.batch);
+        let bytes = std::mem::replace(&mut self.batch_bytes, 0);
+        let count = records.len();
+        let mut pending = Vec::with_capacity(count);
+        for record in records {
+            let item = self.decode(&record).await;
+            pending.push((item, record));
+        }
+        self.commit(pending).await;
+        self.in_flight.release(count, bytes);
+    }
+
+    /// Decodes a record for every view of its topic; poison goes to the DLQ
+    /// (acknowledged) before the batch that skips it can commit.
+    async fn decode(&self, record: &Record) -> Item {
+        let mut changes = Vec::new();
+        let mut poison: Option<(Poison, String)> = None;
+        for (index, view) in self.catalog.views.iter().enumerate() {
+            if !view.source.topics.contains(&record.topic) {
+                continue;
+            }
+            match decode::decode(view, record.payload.as_deref()) {
+                Ok(c) => changes.extend(c.into_iter().map(|(d, e)| (index, d, e))),
+                Err(p) => {
+                    poison = Some((p, view.dlq_topic(&record.topic)));
+                    break;
+                }
+            }
+        }
+        let mut item = Item {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            high_watermark: record.high_watermark,
+            changes,
+            dead: None,
+        };
+        if let Some((poison, dlq_topic)) = poison {
+            self.dead_letter(
+                &mut item,
+                record,
+                &dlq_topic,
+                "VALUE_CONVERTER",
+                poison.class,
+                &poison.message,
+            )
+            .await;
+        }
+        item
+    }
+
+    async fn dead_letter(
+        &self,
+        item: &mut Item,
+        record: &Record,
+        dlq_topic: &str,
+        stage: &str,
+        class: &str,
+        message: &str,
+    ) {
+        tracing::warn!(
+            topic = record.topic,
+            partition = record.partition,
+            offset = record.offset,
+            dlq_topic,
+            class,
+            message,
+            "dead-lettering record"
+        );
+        self.dlq
+            .send(
+                dlq_topic,
+                record,
+                &Reason {
+                    stage,
+                    class,
+                    message,
+                },
+            )
+            .await;
+        item.changes.clear();
+        item.dead = Some(DeadLetter {
+            topic: record.topic.clone(),
+            partition: record.partition,
+            offset: record.offset,
+            dlq_topic: dlq_topic.to_string(),
+            error_class: class.to_string(),
+            error_message: message.to_string(),
+        });
+    }
+
+    /// Commits `pending` (items with their records), retrying transient
+    /// failures forever, isolating records Postgres rejects, and dropping
+    /// partitions another owner has claimed.
+    fn commit(&mut self, mut pending: Vec<(Item, Record)>) -> Boxed<'_> {
+        Box::pin(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
+            loop {
+                pending.retain(|(i, _)| self.owned.contains_key(&(i.topic.clone(), i.partition)));
+                if pending.is_empty() {
+                    return;
+                }
+                let items: Vec<&Item> = pending.iter().map(|(i, _)| i).collect();
+                let started = Instant::now();
+                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items)
+                    .await
+                {
+                    Ok(progress) => {
+                        self.note_commit_time(started.elapsed());
+                        self.owned.extend(progress);
+                        return;
+                    }
+                    Err(CommitError::Fenced(lost)) => {
+                        tracing::warn!(?lost, "partitions claimed by another owner; dropping them");
+                        for tp in lost {
+                            self.owned.remove(&tp);
+                            self.position.remove(&tp);
+                        }
+                    }
+                    Err(CommitError::Sql(e)) if commit::classify(&e) == Failure::Data => {
+                        self.isolate(pending, &e).await;
+                        return;
+                    }
+                    Err(CommitError::Sql(e)) => {
+                        self.in_flight
+                            .sink_struggling
+                            .store(true, Ordering::Relaxed);
+                        let wait = backoff.next_delay();
+                        tracing::warn!(error = %e, attempt = backoff.attempts(), ?wait, "commit failed; partitions paused, retrying");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Postgres rejected something in `pending`: split until the record at
+    /// fault is alone, dead-letter it, commit the rest, in offset order.
+    async fn isolate(&mut self, mut pending: Vec<(Item, Record)>, error: &sqlx::Error) {
+        if pending.len() == 1 {
+            let (item, record) = &mut pending[0];
+            let dlq = self
+                .catalog
+                .views_of_topic(&record.topic)
+                .next()
+                .map(|v| v.dlq_topic(&record.topic))
+                .unwrap_or_default();
+            self.dead_letter(
+                item,
+                record,
+                &dlq,
+                "SINK",
+                "freshet.sink.Rejected",
+                &error.to_string(),
+            )
+            .await;
+            self.commit(pending).await;
+            return;
+        }
+        let second = pending.split_off(pending.len() / 2);
+        self.commit(pending).await;
+        self.commit(second).await;
+    }
+
+    fn note_commit_time(&mut self, took: Duration) {
+        self.slow_commits = if took > self.limits.slow_commit {
+            self.slow_commits + 1
+        } else {
+            0
+        };
+        // One slow commit is noise; three in a row mean the sink needs air.
+        self.in_flight
+            .sink_struggling
+            .store(self.slow_commits >= 3, Ordering::Relaxed);
+    }
+}

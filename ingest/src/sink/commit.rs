@@ -1,0 +1,168 @@
+//! Committing a batch: feature state and offsets in one Postgres transaction.
+//!
+//! Inside the transaction: lock and read the touched entity rows (one
+//! statement), apply the batch's events in record order, write the rows back
+//! (one statement), advance every partition of the batch with its
+//! compare-and-set on (owner epoch, starting offset), and record the batch's
+//! dead letters. If any compare-and-set fails the whole transaction rolls
+//! back and the caller learns which partitions are no longer its own.
+
+use std::collections::HashMap;
+
+use freshet_store::{
+    entities,
+    offsets::{self, Advance, DeadLetter},
+    view::Catalog,
+};
+use sqlx::PgPool;
+
+use crate::transform::apply::{Change, apply};
+
+/// A partition this instance owns, as far as the store knows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    pub epoch: i64,
+    /// The `next_offset` stored in Postgres (-1: none yet): the value the
+    /// next commit's compare-and-set expects.
+    pub stored: i64,
+    /// The partition's newest applied event time: the lateness reference.
+    pub newest_ms: Option<i64>,
+}
+
+/// One record of a batch, decoded.
+pub struct Item {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub high_watermark: i64,
+    pub changes: Vec<Change>,
+    /// Set when the record goes to the DLQ instead (already produced there).
+    pub dead: Option<DeadLetter>,
+}
+
+#[derive(Debug)]
+pub enum CommitError {
+    /// These partitions were claimed by another owner: nothing was committed.
+    Fenced(Vec<(String, i32)>),
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for CommitError {
+    fn from(e: sqlx::Error) -> Self {
+        CommitError::Sql(e)
+    }
+}
+
+/// Commits `items` (grouped by nothing; each partition's items in offset
+/// order) and returns the new ownership state of each partition in it.
+pub async fn commit(
+    pool: &PgPool,
+    group: &str,
+    catalog: &Catalog,
+    owned: &HashMap<(String, i32), Owned>,
+    items: &[&Item],
+) -> Result<HashMap<(String, i32), Owned>, CommitError> {
+    let mut tx = pool.begin().await?;
+    let mut keys: Vec<entities::RowKey> = items
+        .iter()
+        .flat_map(|i| {
+            i.changes
+                .iter()
+                .map(|(v, _, e)| (catalog.views[*v].name.clone(), e.entity.clone()))
+        })
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut states = if keys.is_empty() {
+        HashMap::new()
+    } else {
+        entities::load_for_update(&mut tx, &keys).await?
+    };
+
+    let mut progress: HashMap<(String, i32), (Owned, Advance)> = HashMap::new();
+    for item in items {
+        let tp = (item.topic.clone(), item.partition);
+        let (state, advance) = progress.entry(tp.clone()).or_insert_with(|| {
+            let o = owned[&tp].clone();
+            let advance = Advance {
+                topic: item.topic.clone(),
+                partition: item.partition,
+                epoch: o.epoch,
+                expected: o.stored,
+                next_offset: o.stored,
+                high_watermark: -1,
+                newest_event_ms: o.newest_ms,
+                applied: 0,
+                dead: 0,
+                late: 0,
+            };
+            (o, advance)
+        });
+        advance.late += apply(catalog, &mut states, &item.changes, &mut state.newest_ms);
+        advance.next_offset = item.offset + 1;
+        advance.high_watermark = advance.high_watermark.max(item.high_watermark);
+        advance.newest_event_ms = state.newest_ms;
+        if item.dead.is_some() {
+            advance.dead += 1
+        } else {
+            advance.applied += 1
+        }
+    }
+
+    let rows: Vec<_> = keys
+        .into_iter()
+        .filter_map(|k| states.remove(&k).map(|s| (k, s)))
+        .collect();
+    if !rows.is_empty() {
+        entities::store(&mut tx, &rows).await?;
+    }
+    let advances: Vec<Advance> = progress.values().map(|(_, a)| a.clone()).collect();
+    let fenced = offsets::advance(&mut tx, group, &advances).await?;
+    if !fenced.is_empty() {
+        tx.rollback().await?;
+        return Err(CommitError::Fenced(fenced));
+    }
+    let dead: Vec<DeadLetter> = items.iter().filter_map(|i| i.dead.clone()).collect();
+    offsets::record_dead_letters(&mut tx, group, &dead).await?;
+    tx.commit().await?;
+    Ok(progress
+        .into_iter()
+        .map(|(tp, (o, a))| {
+            (
+                tp,
+                Owned {
+                    epoch: o.epoch,
+                    stored: a.next_offset,
+                    newest_ms: a.newest_event_ms,
+                },
+            )
+        })
+        .collect())
+}
+
+/// How a failed commit should be handled.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The data cannot be stored (Postgres rejected a value): isolate the
+    /// record(s) responsible and dead-letter them.
+    Data,
+    /// Anything else: wait and retry; never dead-letter, never skip.
+    Transient,
+}
+
+pub fn classify(e: &sqlx::Error) -> Failure {
+    match e {
+        sqlx::Error::Encode(_) => Failure::Data,
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            // 22: data exception (bad text, bad JSON escape, out of range);
+            // 23: integrity violation; 54: program limit (row too big).
+            Some(code)
+                if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") =>
+            {
+                Failure::Data
+            }
+            _ => Failure::Transient,
+        },
+        _ => Failure::Transient,
+    }
+}

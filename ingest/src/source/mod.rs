@@ -1,0 +1,98 @@
+//! Where a record enters: the Kafka source.
+//!
+//! The rdkafka poll loop runs on a thread of its own (`consumer.rs`) and
+//! talks to the async pipeline only through two typed channels: it sends
+//! [`SourceEvent`]s (records, assignments, revocations) and receives
+//! [`Command`]s (stop). Flow control needs no command: the poll loop
+//! pauses every assigned partition while [`InFlight`] is over its bounds or
+//! the sink says it is struggling, and resumes when both clear.
+
+mod consumer;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
+
+pub use consumer::{Settings, StartPolicy, spawn};
+use tokio::sync::oneshot;
+
+/// A record copied out of librdkafka.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub timestamp_ms: Option<i64>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// The partition's high watermark as last seen by the consumer.
+    pub high_watermark: i64,
+}
+
+impl Record {
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + 64
+    }
+}
+
+pub type TopicPartition = (String, i32);
+
+pub enum SourceEvent {
+    Record(Record),
+    /// Partitions were assigned. The poll thread waits for the reply: where
+    /// to start each partition, read from the store after claiming it.
+    Assign {
+        partitions: Vec<TopicPartition>,
+        reply: oneshot::Sender<Vec<(TopicPartition, Start)>>,
+    },
+    /// Partitions are being revoked. The poll thread waits for the reply,
+    /// sent once nothing of theirs can be committed by this instance.
+    Revoke {
+        partitions: Vec<TopicPartition>,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Where to start consuming a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    Offset(i64),
+    Beginning,
+    End,
+}
+
+pub enum Command {
+    /// Leave the group and end the poll thread.
+    Stop,
+}
+
+/// What has been handed to the pipeline and not yet committed or dropped.
+#[derive(Default)]
+pub struct InFlight {
+    records: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Set by the sink while commits are failing or slow.
+    pub sink_struggling: AtomicBool,
+}
+
+impl InFlight {
+    pub fn add(&self, record: &Record) {
+        self.records.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(record.size(), Ordering::Relaxed);
+    }
+
+    pub fn release(&self, records: usize, bytes: usize) {
+        self.records.fetch_sub(records, Ordering::Relaxed);
+        self.bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    fn over(&self, max_records: usize, max_bytes: usize) -> bool {
+        self.records.load(Ordering::Relaxed) >= max_records
+            || self.bytes.load(Ordering::Relaxed) >= max_bytes
+            || self.sink_struggling.load(Ordering::Relaxed)
+    }
+}
+
+pub type SharedInFlight = Arc<InFlight>;
