@@ -1,1 +1,238 @@
+//! The end-to-end test harness: real Kafka, Postgres and Redis, started by
+//! `deploy/local/run-tests.sh` (which calls `deploy/local/services.sh`) and
+//! found through the `FRESHET_*` variables it exports.
+//!
+//! Tests are parallel-safe: each gets its own database, topics, consumer
+//! group and server port.
 
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use rand::Rng;
+use rdkafka::{
+    ClientConfig,
+    admin::{AdminClient, AdminOptions, NewTopic, TopicReplication},
+    client::DefaultClientContext,
+};
+
+pub fn env(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests through deploy/local/run-tests.sh")
+    })
+}
+
+pub fn brokers() -> String {
+    env("FRESHET_KAFKA_BROKERS")
+}
+
+/// A name no other test (or run) uses.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{:08x}", rand::rng().random::<u32>())
+}
+
+/// A fresh, migrated database of its own; returns its URL.
+pub async fn fresh_database() -> String {
+    let admin_url = env("FRESHET_DATABASE_URL");
+    let name = unique("t");
+    let admin = sqlx::PgPool::connect(&admin_url)
+        .await
+        .expect("connect to Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .expect("create database");
+    admin.close().await;
+    let url = match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{name}"),
+        None => panic!("unexpected database URL {admin_url}"),
+    };
+    let pool = freshet_store::db::connect(&url, 1).await.unwrap();
+    freshet_store::db::migrate(&pool).await.unwrap();
+    pool.close().await;
+    url
+}
+
+pub async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await
+        .expect("create topic");
+    for r in results {
+        r.expect("topic created");
+    }
+}
+
+/// A built binary of the workspace (`cargo build --workspace --bins` ran first).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/debug/deps/<test> -> target/debug/<name>
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct Process {
+    pub child: Child,
+}
+
+impl Process {
+    pub fn start(command: &mut Command) -> Process {
+        Process {
+            child: command.spawn().expect("start process"),
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        send_sigterm(self.child.id());
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "process {} did not stop within 30 s of SIGTERM",
+            self.child.id()
+        );
+    }
+}
+
+fn send_sigterm(pid: u32) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status();
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `freshet-ingest run` for `views`, into `database_url`, in `group`.
+pub fn ingest(views: &std::path::Path, database_url: &str, group: &str, instance: &str) -> Process {
+    Process::start(
+        Command::new(binary("freshet-ingest"))
+            .arg("run")
+            .env("FRESHET_VIEWS", views)
+            .env("FRESHET_DATABASE_URL", database_url)
+            .env("FRESHET_KAFKA_BROKERS", brokers())
+            .env("FRESHET_GROUP", group)
+            .env("FRESHET_INSTANCE_ID", instance)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null()),
+    )
+}
+
+/// Writes a feature-view file for a test into a temporary directory.
+pub fn views_file(text: &str) -> (tempfile_dir::Dir, PathBuf) {
+    let dir = tempfile_dir::Dir::new();
+    let path = dir.path.join("views.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+/// A temporary directory removed on drop.
+pub mod tempfile_dir {
+    pub struct Dir {
+        pub path: std::path::PathBuf,
+    }
+
+    impl Dir {
+        pub fn new() -> Dir {
+            let path = std::env::temp_dir().join(super::unique("freshet-test"));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir { path }
+        }
+    }
+
+    impl Default for Dir {
+        fn default() -> Self {
+            Self::new()
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut check: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() > end {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `freshet-server serve` on a free port; returns it with its address.
+pub fn server(
+    views: &std::path::Path,
+    database_url: &str,
+    extra: &[&str],
+) -> (Process, std::net::SocketAddr) {
+    use std::io::BufRead;
+    let mut process = Process::start(
+        Command::new(binary("freshet-server"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("FRESHET_VIEWS", views)
+            .env("FRESHET_DATABASE_URL", database_url)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped()),
+    );
+    let stdout = process.child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let address = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(address) = line.strip_prefix("freshet-server listening on ") {
+            break address.parse().unwrap();
+        }
+    };
+    (process, address)
+}
+
+pub fn reference_views() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/views/reference.toml"
+    ))
+}
