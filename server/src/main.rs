@@ -19,7 +19,11 @@ use freshet_store::{db, view::Catalog};
 use tonic_health::ServingStatus;
 
 #[derive(Parser)]
-#[command(name = "freshet-server", version, about = "Serves Freshet's features over gRPC")]
+#[command(
+    name = "freshet-server",
+    version,
+    about = "Serves Freshet's features over gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,7 +49,11 @@ struct DbArgs {
 #[derive(Args)]
 struct ViewsArgs {
     /// Feature-view file (TOML).
-    #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
+    #[arg(
+        long,
+        env = "FRESHET_VIEWS",
+        default_value = "deploy/views/reference.toml"
+    )]
     views: PathBuf,
 }
 
@@ -81,7 +89,9 @@ struct ServeArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     match Cli::parse().command {
         Command::Migrate(args) => {
@@ -93,7 +103,13 @@ async fn main() -> anyhow::Result<()> {
             let catalog = Catalog::load(&args.views)?;
             for view in &catalog.views {
                 let features: Vec<&str> = view.features.iter().map(|f| f.name.as_str()).collect();
-                println!("{}: {} features from {:?}: {}", view.name, features.len(), view.source.topics, features.join(", "));
+                println!(
+                    "{}: {} features from {:?}: {}",
+                    view.name,
+                    features.len(),
+                    view.source.topics,
+                    features.join(", ")
+                );
             }
         }
         Command::Serve(args) => serve(args).await?,
@@ -107,7 +123,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     db::ensure_migrated(&pool).await?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<FeatureServiceServer<service::Features>>().await;
+    health
+        .set_serving::<FeatureServiceServer<service::Features>>()
+        .await;
     tokio::spawn(watch_store(health.clone(), pool.clone()));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -131,7 +149,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         default_deadline: Duration::from_millis(args.default_deadline_ms),
     };
 
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!("freshet-server listening on {address}");
@@ -142,8 +162,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown())
+        .add_service(
+            FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes),
+        )
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown(),
+        )
         .await?;
     tracing::info!("stopped");
     Ok(())
@@ -156,7 +181,11 @@ async fn watch_store(health: tonic_health::server::HealthReporter, pool: sqlx::P
     loop {
         let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
         if last != Some(ok) {
-            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            let status = if ok {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
             health.set_service_status(service, status).await;
             health.set_service_status("", status).await;
             last = Some(ok);
@@ -166,7 +195,8 @@ async fn watch_store(health: tonic_health::server::HealthReporter, pool: sqlx::P
 }
 
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

@@ -15,9 +15,15 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub async fn read(&self, views: &[&FeatureView], entities: &[String]) -> Result<HashMap<RowKey, EntityState>, Status> {
+    pub async fn read(
+        &self,
+        views: &[&FeatureView],
+        entities: &[String],
+    ) -> Result<HashMap<RowKey, EntityState>, Status> {
         let view_names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
         let keys: Vec<&str> = entities.iter().map(String::as_str).collect();
-        entities::read(&self.pool, &view_names, &keys).await.map_err(unavailable)
+        entities::read(&self.pool, &view_names, &keys)
+            .await
+            .map_err(unavailable)
     }
 }

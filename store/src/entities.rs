@@ -14,8 +14,12 @@ pub type RowKey = (String, String);
 
 /// Locks and reads the rows of `keys` for a read-modify-write in `tx`. Rows
 /// are locked in key order, so concurrent batches cannot deadlock.
-pub async fn load_for_update(tx: &mut PgConnection, keys: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
-    let (views, entities): (Vec<&str>, Vec<&str>) = keys.iter().map(|(v, e)| (v.as_str(), e.as_str())).unzip();
+pub async fn load_for_update(
+    tx: &mut PgConnection,
+    keys: &[RowKey],
+) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
+    let (views, entities): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(v, e)| (v.as_str(), e.as_str())).unzip();
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT s.view, s.entity, s.state::text FROM feature_state s
          JOIN UNNEST($1::text[], $2::text[]) AS k(view, entity) ON s.view = k.view AND s.entity = k.entity
@@ -25,11 +29,16 @@ pub async fn load_for_update(tx: &mut PgConnection, keys: &[RowKey]) -> Result<H
     .bind(&entities)
     .fetch_all(&mut *tx)
     .await?;
-    rows.into_iter().map(|(view, entity, state)| Ok(((view, entity), decode(&state)?))).collect()
+    rows.into_iter()
+        .map(|(view, entity, state)| Ok(((view, entity), decode(&state)?)))
+        .collect()
 }
 
 /// Writes `rows` back, inserting the new ones, in one statement.
-pub async fn store(tx: &mut PgConnection, rows: &[(RowKey, EntityState)]) -> Result<(), sqlx::Error> {
+pub async fn store(
+    tx: &mut PgConnection,
+    rows: &[(RowKey, EntityState)],
+) -> Result<(), sqlx::Error> {
     let mut views = Vec::with_capacity(rows.len());
     let mut entities = Vec::with_capacity(rows.len());
     let mut states = Vec::with_capacity(rows.len());
@@ -58,14 +67,20 @@ pub async fn store(tx: &mut PgConnection, rows: &[(RowKey, EntityState)]) -> Res
 
 /// Reads the state of every (view, entity) pair of `views` × `entities` in one
 /// query; a pair never seen is absent from the map.
-pub async fn read(pool: &PgPool, views: &[&str], entities: &[&str]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
+pub async fn read(
+    pool: &PgPool,
+    views: &[&str],
+    entities: &[&str],
+) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT view, entity, state::text FROM feature_state WHERE view = ANY($1) AND entity = ANY($2)")
             .bind(views)
             .bind(entities)
             .fetch_all(pool)
             .await?;
-    rows.into_iter().map(|(view, entity, state)| Ok(((view, entity), decode(&state)?))).collect()
+    rows.into_iter()
+        .map(|(view, entity, state)| Ok(((view, entity), decode(&state)?)))
+        .collect()
 }
 
 fn decode(text: &str) -> Result<EntityState, sqlx::Error> {

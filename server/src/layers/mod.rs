@@ -21,7 +21,8 @@ pub struct Limits {
     pub default_deadline: Duration,
 }
 
-pub type Layers = Stack<shed::ShedLayer, Stack<deadline::DeadlineLayer, tower::layer::util::Identity>>;
+pub type Layers =
+    Stack<shed::ShedLayer, Stack<deadline::DeadlineLayer, tower::layer::util::Identity>>;
 
 pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
     ServiceBuilder::new()
