@@ -7,8 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out.join("freshet_descriptor.bin"))
-        .compile_with_config(config, &["freshet/v1/feature_service.proto"], &["."])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out.join("freshet_descriptor.bin")).compile_with_config(
+        config,
+        &["freshet/v1/feature_service.proto"],
+        &["."],
+    )?;
     Ok(())
 }

@@ -14,18 +14,12 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            attempt: 0,
-            base,
-            max,
-        }
+        Self { attempt: 0, base, max }
     }
 
     /// The ceiling of the next wait: base × 2^attempt, capped.
     fn ceiling(&self) -> Duration {
-        self.base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.max)
+        self.base.saturating_mul(1u32 << self.attempt.min(20)).min(self.max)
     }
 
     /// The next wait: uniform in [ceiling/2, ceiling].
@@ -52,10 +46,7 @@ mod tests {
         assert!(delays[0] >= Duration::from_millis(5) && delays[0] <= Duration::from_millis(10));
         assert!(delays[3] >= Duration::from_millis(40) && delays[3] <= Duration::from_millis(80));
         for d in &delays[8..] {
-            assert!(
-                *d >= Duration::from_millis(500) && *d <= Duration::from_secs(1),
-                "{d:?}"
-            );
+            assert!(*d >= Duration::from_millis(500) && *d <= Duration::from_secs(1), "{d:?}");
         }
         assert_eq!(b.attempts(), 12);
     }

@@ -23,11 +23,7 @@ use crate::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "freshet-ingest",
-    version,
-    about = "Consumes Kafka into Freshet's feature store, exactly once"
-)]
+#[command(name = "freshet-ingest", version, about = "Consumes Kafka into Freshet's feature store, exactly once")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -50,11 +46,7 @@ struct RunArgs {
     database_url: String,
     #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
     brokers: String,
-    #[arg(
-        long,
-        env = "FRESHET_VIEWS",
-        default_value = "deploy/views/reference.toml"
-    )]
+    #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
     views: PathBuf,
     /// Consumer group: partitions are shared among its instances.
     #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
@@ -90,9 +82,7 @@ struct RunArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
         Command::Migrate { database_url } => {
@@ -142,16 +132,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
     );
     pipeline.run(events, shutdown()).await;
-    tokio::task::spawn_blocking(move || poll_thread.join())
-        .await?
-        .ok();
+    tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();
     tracing::info!("stopped");
     Ok(())
 }
 
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -159,7 +146,5 @@ async fn shutdown() {
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "ingest".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "ingest".into())
 }

@@ -99,15 +99,10 @@ impl Pipeline {
         }
     }
 
-    pub async fn run(
-        mut self,
-        mut events: mpsc::Receiver<SourceEvent>,
-        shutdown: impl Future<Output = ()>,
-    ) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            let linger_end =
-                tokio::time::Instant::from_std(self.batch_started + self.limits.linger);
+            let linger_end = tokio::time::Instant::from_std(self.batch_started + self.limits.linger);
             let event = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
@@ -121,9 +116,7 @@ impl Pipeline {
                 None => break,
                 Some(SourceEvent::Record(record)) => {
                     self.accept(record);
-                    if self.batch.len() >= self.limits.max_records
-                        || self.batch_bytes >= self.limits.max_bytes
-                    {
+                    if self.batch.len() >= self.limits.max_records || self.batch_bytes >= self.limits.max_bytes {
                         self.flush().await;
                     }
                 }
@@ -188,9 +181,7 @@ impl Pipeline {
         for (topic, partitions) in by_topic {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             let claims = loop {
-                match offsets::claim(&self.pool, &self.group, &topic, &partitions, &self.owner)
-                    .await
-                {
+                match offsets::claim(&self.pool, &self.group, &topic, &partitions, &self.owner).await {
                     Ok(claims) => break claims,
                     Err(e) => {
                         let wait = backoff.next_delay();
@@ -206,20 +197,10 @@ impl Pipeline {
                     (None, StartPolicy::Earliest) => Start::Beginning,
                     (None, StartPolicy::Latest) => Start::End,
                 };
-                tracing::info!(
-                    topic,
-                    partition = claim.partition,
-                    epoch = claim.epoch,
-                    ?start,
-                    "claimed"
-                );
+                tracing::info!(topic, partition = claim.partition, epoch = claim.epoch, ?start, "claimed");
                 self.owned.insert(
                     tp.clone(),
-                    Owned {
-                        epoch: claim.epoch,
-                        stored: claim.next_offset.unwrap_or(-1),
-                        newest_ms: claim.newest_event_ms,
-                    },
+                    Owned { epoch: claim.epoch, stored: claim.next_offset.unwrap_or(-1), newest_ms: claim.newest_event_ms },
                 );
                 self.position.insert(tp.clone(), claim.next_offset);
                 starts.push((tp, start));
@@ -272,28 +253,12 @@ impl Pipeline {
             dead: None,
         };
         if let Some((poison, dlq_topic)) = poison {
-            self.dead_letter(
-                &mut item,
-                record,
-                &dlq_topic,
-                "VALUE_CONVERTER",
-                poison.class,
-                &poison.message,
-            )
-            .await;
+            self.dead_letter(&mut item, record, &dlq_topic, "VALUE_CONVERTER", poison.class, &poison.message).await;
         }
         item
     }
 
-    async fn dead_letter(
-        &self,
-        item: &mut Item,
-        record: &Record,
-        dlq_topic: &str,
-        stage: &str,
-        class: &str,
-        message: &str,
-    ) {
+    async fn dead_letter(&self, item: &mut Item, record: &Record, dlq_topic: &str, stage: &str, class: &str, message: &str) {
         tracing::warn!(
             topic = record.topic,
             partition = record.partition,
@@ -303,17 +268,7 @@ impl Pipeline {
             message,
             "dead-lettering record"
         );
-        self.dlq
-            .send(
-                dlq_topic,
-                record,
-                &Reason {
-                    stage,
-                    class,
-                    message,
-                },
-            )
-            .await;
+        self.dlq.send(dlq_topic, record, &Reason { stage, class, message }).await;
         item.changes.clear();
         item.dead = Some(DeadLetter {
             topic: record.topic.clone(),
@@ -338,9 +293,7 @@ impl Pipeline {
                 }
                 let items: Vec<&Item> = pending.iter().map(|(i, _)| i).collect();
                 let started = Instant::now();
-                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items)
-                    .await
-                {
+                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items).await {
                     Ok(progress) => {
                         self.note_commit_time(started.elapsed());
                         self.owned.extend(progress);
@@ -358,9 +311,7 @@ impl Pipeline {
                         return;
                     }
                     Err(CommitError::Sql(e)) => {
-                        self.in_flight
-                            .sink_struggling
-                            .store(true, Ordering::Relaxed);
+                        self.in_flight.sink_struggling.store(true, Ordering::Relaxed);
                         let wait = backoff.next_delay();
                         tracing::warn!(error = %e, attempt = backoff.attempts(), ?wait, "commit failed; partitions paused, retrying");
                         tokio::time::sleep(wait).await;
@@ -375,21 +326,8 @@ impl Pipeline {
     async fn isolate(&mut self, mut pending: Vec<(Item, Record)>, error: &sqlx::Error) {
         if pending.len() == 1 {
             let (item, record) = &mut pending[0];
-            let dlq = self
-                .catalog
-                .views_of_topic(&record.topic)
-                .next()
-                .map(|v| v.dlq_topic(&record.topic))
-                .unwrap_or_default();
-            self.dead_letter(
-                item,
-                record,
-                &dlq,
-                "SINK",
-                "freshet.sink.Rejected",
-                &error.to_string(),
-            )
-            .await;
+            let dlq = self.catalog.views_of_topic(&record.topic).next().map(|v| v.dlq_topic(&record.topic)).unwrap_or_default();
+            self.dead_letter(item, record, &dlq, "SINK", "freshet.sink.Rejected", &error.to_string()).await;
             self.commit(pending).await;
             return;
         }
@@ -399,14 +337,8 @@ impl Pipeline {
     }
 
     fn note_commit_time(&mut self, took: Duration) {
-        self.slow_commits = if took > self.limits.slow_commit {
-            self.slow_commits + 1
-        } else {
-            0
-        };
+        self.slow_commits = if took > self.limits.slow_commit { self.slow_commits + 1 } else { 0 };
         // One slow commit is noise; three in a row mean the sink needs air.
-        self.in_flight
-            .sink_struggling
-            .store(self.slow_commits >= 3, Ordering::Relaxed);
+        self.in_flight.sink_struggling.store(self.slow_commits >= 3, Ordering::Relaxed);
     }
 }

@@ -6,6 +6,5 @@ pub mod v1 {
     tonic::include_proto!("freshet.v1");
 
     /// Encoded `FileDescriptorSet` of the freshet.v1 protos, for reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("freshet_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("freshet_descriptor");
 }

@@ -34,11 +34,7 @@ pub fn verdict(p: &PartitionStatus, budget: Duration, now_ms: i64) -> FreshnessV
 }
 
 pub fn lag(p: &PartitionStatus) -> i64 {
-    if p.next_offset < 0 {
-        p.high_watermark.max(0)
-    } else {
-        (p.high_watermark - p.next_offset).max(0)
-    }
+    if p.next_offset < 0 { p.high_watermark.max(0) } else { (p.high_watermark - p.next_offset).max(0) }
 }
 
 /// A view is as fresh as its worst partition.
@@ -50,10 +46,7 @@ pub fn worst(verdicts: impl IntoIterator<Item = FreshnessVerdict>) -> FreshnessV
         FreshnessVerdict::Stalled => 3,
         _ => 4,
     };
-    verdicts
-        .into_iter()
-        .max_by_key(rank)
-        .unwrap_or(FreshnessVerdict::Unknown)
+    verdicts.into_iter().max_by_key(rank).unwrap_or(FreshnessVerdict::Unknown)
 }
 
 #[cfg(test)]
@@ -78,50 +71,13 @@ mod tests {
     fn verdicts() {
         let budget = Duration::from_secs(5);
         let now = 100_000;
-        assert_eq!(
-            verdict(&status(10, 10, Some(0), Some(0)), budget, now),
-            FreshnessVerdict::Fresh
-        );
-        assert_eq!(
-            verdict(&status(10, 11, Some(0), Some(0)), budget, now),
-            FreshnessVerdict::Fresh
-        );
-        assert_eq!(
-            verdict(
-                &status(10, 50, Some(now - 1000), Some(now - 100)),
-                budget,
-                now
-            ),
-            FreshnessVerdict::Lagging
-        );
-        assert_eq!(
-            verdict(
-                &status(10, 50, Some(now - 9000), Some(now - 100)),
-                budget,
-                now
-            ),
-            FreshnessVerdict::Stale
-        );
-        assert_eq!(
-            verdict(
-                &status(10, 50, Some(now - 9000), Some(now - 9000)),
-                budget,
-                now
-            ),
-            FreshnessVerdict::Stalled
-        );
-        assert_eq!(
-            verdict(&status(-1, 50, None, None), budget, now),
-            FreshnessVerdict::Unknown
-        );
+        assert_eq!(verdict(&status(10, 10, Some(0), Some(0)), budget, now), FreshnessVerdict::Fresh);
+        assert_eq!(verdict(&status(10, 11, Some(0), Some(0)), budget, now), FreshnessVerdict::Fresh);
+        assert_eq!(verdict(&status(10, 50, Some(now - 1000), Some(now - 100)), budget, now), FreshnessVerdict::Lagging);
+        assert_eq!(verdict(&status(10, 50, Some(now - 9000), Some(now - 100)), budget, now), FreshnessVerdict::Stale);
+        assert_eq!(verdict(&status(10, 50, Some(now - 9000), Some(now - 9000)), budget, now), FreshnessVerdict::Stalled);
+        assert_eq!(verdict(&status(-1, 50, None, None), budget, now), FreshnessVerdict::Unknown);
         assert_eq!(lag(&status(10, 50, None, None)), 40);
-        assert_eq!(
-            worst([
-                FreshnessVerdict::Fresh,
-                FreshnessVerdict::Stale,
-                FreshnessVerdict::Lagging
-            ]),
-            FreshnessVerdict::Stale
-        );
+        assert_eq!(worst([FreshnessVerdict::Fresh, FreshnessVerdict::Stale, FreshnessVerdict::Lagging]), FreshnessVerdict::Stale);
     }
 }

@@ -4,6 +4,7 @@
 //! the admission layers of `layers/`; `migrate` applies the store's schema;
 //! `views` checks a feature-view file and prints what it declares.
 
+mod cache;
 mod freshness;
 mod layers;
 mod reader;
@@ -19,11 +20,7 @@ use freshet_store::{db, view::Catalog};
 use tonic_health::ServingStatus;
 
 #[derive(Parser)]
-#[command(
-    name = "freshet-server",
-    version,
-    about = "Serves Freshet's features over gRPC"
-)]
+#[command(name = "freshet-server", version, about = "Serves Freshet's features over gRPC")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -49,11 +46,7 @@ struct DbArgs {
 #[derive(Args)]
 struct ViewsArgs {
     /// Feature-view file (TOML).
-    #[arg(
-        long,
-        env = "FRESHET_VIEWS",
-        default_value = "deploy/views/reference.toml"
-    )]
+    #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
     views: PathBuf,
 }
 
@@ -81,6 +74,15 @@ struct ServeArgs {
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "FRESHET_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
     max_request_bytes: usize,
+    /// Redis URL of the cache; without it every read goes to Postgres.
+    #[arg(long, env = "FRESHET_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of the cache's keys (several stores may share one Redis).
+    #[arg(long, env = "FRESHET_CACHE_PREFIX", default_value = "freshet")]
+    cache_prefix: String,
+    /// Longest a cache entry may outlive a missed invalidation, in ms.
+    #[arg(long, env = "FRESHET_CACHE_TTL_MS", default_value_t = 5000)]
+    cache_ttl_ms: u64,
     /// Postgres connections.
     #[arg(long, env = "FRESHET_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
@@ -89,9 +91,7 @@ struct ServeArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
         Command::Migrate(args) => {
@@ -103,13 +103,7 @@ async fn main() -> anyhow::Result<()> {
             let catalog = Catalog::load(&args.views)?;
             for view in &catalog.views {
                 let features: Vec<&str> = view.features.iter().map(|f| f.name.as_str()).collect();
-                println!(
-                    "{}: {} features from {:?}: {}",
-                    view.name,
-                    features.len(),
-                    view.source.topics,
-                    features.join(", ")
-                );
+                println!("{}: {} features from {:?}: {}", view.name, features.len(), view.source.topics, features.join(", "));
             }
         }
         Command::Serve(args) => serve(args).await?,
@@ -122,11 +116,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pool = db::connect(&args.db.database_url, args.db_connections).await?;
     db::ensure_migrated(&pool).await?;
 
+    let cache = match &args.redis_url {
+        Some(url) => {
+            let cache = cache::Cache::connect(url, &args.cache_prefix, Duration::from_millis(args.cache_ttl_ms)).await?;
+            tokio::spawn(cache::follow_commits(cache.clone(), pool.clone()));
+            Some(cache)
+        }
+        None => None,
+    };
+
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<FeatureServiceServer<service::Features>>()
-        .await;
-    tokio::spawn(watch_store(health.clone(), pool.clone()));
+    health.set_serving::<FeatureServiceServer<service::Features>>().await;
+    tokio::spawn(watch_stores(health.clone(), pool.clone(), cache.clone()));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -139,19 +140,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let features = service::Features {
         catalog,
-        reader: reader::Reader { pool: pool.clone() },
+        reader: reader::Reader { pool: pool.clone(), cache },
         pool,
         group: args.group,
         max_entities: args.max_entities,
     };
-    let limits = layers::Limits {
-        max_in_flight: args.max_in_flight,
-        default_deadline: Duration::from_millis(args.default_deadline_ms),
-    };
+    let limits = layers::Limits { max_in_flight: args.max_in_flight, default_deadline: Duration::from_millis(args.default_deadline_ms) };
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
     // Tests and scripts read this line to find the port.
     println!("freshet-server listening on {address}");
@@ -162,30 +158,27 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes),
-        )
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
-            shutdown(),
-        )
+        .add_service(FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown())
         .await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Health follows the ability to answer: NOT_SERVING while Postgres is unreachable.
-async fn watch_store(health: tonic_health::server::HealthReporter, pool: sqlx::PgPool) {
+/// Health follows the ability to answer: SERVING while Postgres answers or
+/// a (warm) cache does; NOT_SERVING when neither does.
+async fn watch_stores(health: tonic_health::server::HealthReporter, pool: sqlx::PgPool, cache: Option<cache::Cache>) {
     let service = <FeatureServiceServer<service::Features> as tonic::server::NamedService>::NAME;
     let mut last = None;
     loop {
-        let ok = sqlx::query("SELECT 1").execute(&pool).await.is_ok();
+        let postgres = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&pool)).await.is_ok_and(|r| r.is_ok());
+        let redis = match &cache {
+            Some(cache) => cache.ping().await,
+            None => false,
+        };
+        let ok = postgres || redis;
         if last != Some(ok) {
-            let status = if ok {
-                ServingStatus::Serving
-            } else {
-                ServingStatus::NotServing
-            };
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
             health.set_service_status(service, status).await;
             health.set_service_status("", status).await;
             last = Some(ok);
@@ -195,8 +188,7 @@ async fn watch_store(health: tonic_health::server::HealthReporter, pool: sqlx::P
 }
 
 async fn shutdown() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}

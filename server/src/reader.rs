@@ -1,5 +1,9 @@
-//! Reading feature state for a request: one round trip to Postgres for all
-//! (view, entity) pairs it needs.
+//! Reading feature state for a request: one round trip to Redis for every
+//! (view, entity) pair it needs, and one to Postgres for the misses.
+//!
+//! Redis failing is not the caller's problem: reads go to Postgres and the
+//! cache is marked degraded. Postgres failing is, only for what the cache
+//! does not hold: a request fully answered from the cache is served.
 
 use std::collections::HashMap;
 
@@ -7,23 +11,79 @@ use freshet_store::{entities, entities::RowKey, state::EntityState, view::Featur
 use sqlx::PgPool;
 use tonic::Status;
 
-use crate::service::unavailable;
+use crate::{
+    cache::{Cache, Lookup},
+    service::unavailable,
+};
 
 #[derive(Clone)]
 pub struct Reader {
     pub pool: PgPool,
+    pub cache: Option<Cache>,
+}
+
+/// Where a request's rows came from, for its span and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Partial,
+    Miss,
+    Bypassed,
 }
 
 impl Reader {
-    pub async fn read(
-        &self,
-        views: &[&FeatureView],
-        entities: &[String],
-    ) -> Result<HashMap<RowKey, EntityState>, Status> {
-        let view_names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
-        let keys: Vec<&str> = entities.iter().map(String::as_str).collect();
-        entities::read(&self.pool, &view_names, &keys)
-            .await
-            .map_err(unavailable)
+    pub async fn read(&self, views: &[&FeatureView], entities: &[String]) -> Result<(HashMap<RowKey, EntityState>, CacheOutcome), Status> {
+        let mut rows: Vec<RowKey> = views.iter().flat_map(|v| entities.iter().map(|e| (v.name.clone(), e.clone()))).collect();
+        rows.sort();
+        rows.dedup();
+        let mut found = HashMap::with_capacity(rows.len());
+        let lookups = match &self.cache {
+            Some(cache) => cache.get(&rows).await.ok(),
+            None => None,
+        };
+        let Some(lookups) = lookups else {
+            return Ok((self.from_postgres(&rows).await?, CacheOutcome::Bypassed));
+        };
+        let mut misses = Vec::new();
+        for (row, lookup) in rows.into_iter().zip(lookups) {
+            match lookup {
+                Lookup::Hit(Some(state)) => {
+                    found.insert(row, state);
+                }
+                Lookup::Hit(None) => {}
+                Lookup::Miss(generation) => misses.push((row, generation)),
+            }
+        }
+        let outcome = match (misses.is_empty(), found.is_empty()) {
+            (true, _) => return Ok((found, CacheOutcome::Hit)),
+            (false, true) => CacheOutcome::Miss,
+            (false, false) => CacheOutcome::Partial,
+        };
+        let missed: Vec<RowKey> = misses.iter().map(|(r, _)| r.clone()).collect();
+        let mut loaded = self.from_postgres(&missed).await?;
+        let fills = misses
+            .into_iter()
+            .map(|(row, generation)| {
+                let state = loaded.remove(&row);
+                let text = state.as_ref().map(|s| serde_json::to_string(s).expect("state serializes"));
+                if let Some(state) = state {
+                    found.insert(row.clone(), state);
+                }
+                (row, generation, text)
+            })
+            .collect();
+        if let Some(cache) = &self.cache {
+            cache.fill(fills);
+        }
+        Ok((found, outcome))
+    }
+
+    async fn from_postgres(&self, rows: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, Status> {
+        let mut views: Vec<&str> = rows.iter().map(|(v, _)| v.as_str()).collect();
+        let mut keys: Vec<&str> = rows.iter().map(|(_, e)| e.as_str()).collect();
+        views.dedup();
+        keys.sort();
+        keys.dedup();
+        entities::read(&self.pool, &views, &keys).await.map_err(unavailable)
     }
 }

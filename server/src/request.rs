@@ -19,28 +19,15 @@ pub struct Plan<'a> {
     pub max_age: Option<Duration>,
 }
 
-pub fn plan<'a>(
-    catalog: &'a Catalog,
-    request: &GetFeaturesRequest,
-    max_entities: usize,
-) -> Result<Plan<'a>, Status> {
+pub fn plan<'a>(catalog: &'a Catalog, request: &GetFeaturesRequest, max_entities: usize) -> Result<Plan<'a>, Status> {
     if request.features.is_empty() {
-        return Err(invalid(
-            "features",
-            "at least one feature reference (\"view:feature\") is required",
-        ));
+        return Err(invalid("features", "at least one feature reference (\"view:feature\") is required"));
     }
     if request.entities.is_empty() {
         return Err(invalid("entities", "at least one entity key is required"));
     }
     if request.entities.len() > max_entities {
-        return Err(invalid(
-            "entities",
-            &format!(
-                "{} entities exceed the limit of {max_entities} per request",
-                request.entities.len()
-            ),
-        ));
+        return Err(invalid("entities", &format!("{} entities exceed the limit of {max_entities} per request", request.entities.len())));
     }
     let mut views: Vec<&FeatureView> = Vec::new();
     let mut columns = Vec::with_capacity(request.features.len());
@@ -49,28 +36,14 @@ pub fn plan<'a>(
         let (view_name, feature_name) = reference
             .split_once(':')
             .filter(|(v, f)| !v.is_empty() && !f.is_empty())
-            .ok_or_else(|| {
-                invalid(
-                    &field,
-                    &format!("{reference:?} is not a reference of the form \"view:feature\""),
-                )
-            })?;
-        let view = catalog
-            .view(view_name)
-            .ok_or_else(|| invalid(&field, &format!("unknown feature view {view_name:?}")))?;
-        let feature = view.feature(feature_name).ok_or_else(|| {
-            invalid(
-                &field,
-                &format!("view {view_name:?} has no feature {feature_name:?}"),
-            )
-        })?;
+            .ok_or_else(|| invalid(&field, &format!("{reference:?} is not a reference of the form \"view:feature\"")))?;
+        let view = catalog.view(view_name).ok_or_else(|| invalid(&field, &format!("unknown feature view {view_name:?}")))?;
+        let feature =
+            view.feature(feature_name).ok_or_else(|| invalid(&field, &format!("view {view_name:?} has no feature {feature_name:?}")))?;
         let index = match views.iter().position(|v| v.name == view.name) {
             Some(index) => index,
             None => {
-                if let Some(first) = views
-                    .first()
-                    .filter(|first| first.entity_type != view.entity_type)
-                {
+                if let Some(first) = views.first().filter(|first| first.entity_type != view.entity_type) {
                     return Err(invalid(
                         &field,
                         &format!(
@@ -92,9 +65,7 @@ pub fn plan<'a>(
         .entities
         .iter()
         .enumerate()
-        .map(|(i, key)| {
-            canonical_key(key, key_type).map_err(|m| invalid(&format!("entities[{i}]"), &m))
-        })
+        .map(|(i, key)| canonical_key(key, key_type).map_err(|m| invalid(&format!("entities[{i}]"), &m)))
         .collect::<Result<Vec<_>, _>>()?;
     let max_age = match &request.max_age {
         None => None,
@@ -103,29 +74,17 @@ pub fn plan<'a>(
         }
         Some(d) => Some(Duration::new(d.seconds as u64, d.nanos as u32)),
     };
-    Ok(Plan {
-        columns,
-        views,
-        entities,
-        max_age,
-    })
+    Ok(Plan { columns, views, entities, max_age })
 }
 
 /// The text form of a key, as ingest stores it.
 fn canonical_key(key: &EntityKey, expected: KeyType) -> Result<String, String> {
     match (&key.key, expected) {
         (Some(Key::Int64Key(k)), KeyType::Int64) => Ok(k.to_string()),
-        (Some(Key::StringKey(k)), KeyType::String) if !k.is_empty() && k.len() <= 1024 => {
-            Ok(k.clone())
-        }
-        (Some(Key::StringKey(_)), KeyType::String) => {
-            Err("string keys must be 1 to 1024 bytes".into())
-        }
+        (Some(Key::StringKey(k)), KeyType::String) if !k.is_empty() && k.len() <= 1024 => Ok(k.clone()),
+        (Some(Key::StringKey(_)), KeyType::String) => Err("string keys must be 1 to 1024 bytes".into()),
         (None, _) => Err("key is not set".into()),
-        (_, expected) => Err(format!(
-            "the requested views are keyed by {}",
-            key_name(expected)
-        )),
+        (_, expected) => Err(format!("the requested views are keyed by {}", key_name(expected))),
     }
 }
 
@@ -145,20 +104,13 @@ mod tests {
     use super::*;
 
     fn catalog() -> Catalog {
-        Catalog::load(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/views/reference.toml"
-        )))
-        .unwrap()
+        Catalog::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/views/reference.toml"))).unwrap()
     }
 
     fn request(features: &[&str], keys: Vec<Key>) -> GetFeaturesRequest {
         GetFeaturesRequest {
             features: features.iter().map(|f| f.to_string()).collect(),
-            entities: keys
-                .into_iter()
-                .map(|k| EntityKey { key: Some(k) })
-                .collect(),
+            entities: keys.into_iter().map(|k| EntityKey { key: Some(k) }).collect(),
             max_age: None,
         }
     }
@@ -173,14 +125,7 @@ mod tests {
     #[test]
     fn resolves_columns_in_request_order() {
         let c = catalog();
-        let r = request(
-            &[
-                "orders:spend_1h",
-                "user_activity:events_10s",
-                "orders:orders_1h",
-            ],
-            vec![Key::Int64Key(7), Key::Int64Key(3)],
-        );
+        let r = request(&["orders:spend_1h", "user_activity:events_10s", "orders:orders_1h"], vec![Key::Int64Key(7), Key::Int64Key(3)]);
         let p = plan(&c, &r, 10).unwrap();
         assert_eq!(p.views.len(), 2);
         let names: Vec<&str> = p.columns.iter().map(|(_, f)| f.name.as_str()).collect();
@@ -193,41 +138,17 @@ mod tests {
     fn names_the_field_at_fault() {
         assert!(message(request(&[], vec![Key::Int64Key(1)])).starts_with("features:"));
         assert!(message(request(&["orders:spend_1h"], vec![])).starts_with("entities:"));
-        assert!(
-            message(request(&["orders:spend_1h"], vec![Key::Int64Key(1); 11]))
-                .contains("limit of 10")
-        );
-        assert!(
-            message(request(
-                &["orders:spend_1h", "nocolon"],
-                vec![Key::Int64Key(1)]
-            ))
-            .starts_with("features[1]:")
-        );
-        assert!(
-            message(request(&["nope:x"], vec![Key::Int64Key(1)]))
-                .contains("unknown feature view \"nope\"")
-        );
-        assert!(
-            message(request(&["orders:nope"], vec![Key::Int64Key(1)]))
-                .contains("has no feature \"nope\"")
-        );
-        let wrong_type = message(request(
-            &["orders:spend_1h"],
-            vec![Key::Int64Key(1), Key::StringKey("a".into())],
-        ));
-        assert!(
-            wrong_type.starts_with("entities[1]:") && wrong_type.contains("int64_key"),
-            "{wrong_type}"
-        );
+        assert!(message(request(&["orders:spend_1h"], vec![Key::Int64Key(1); 11])).contains("limit of 10"));
+        assert!(message(request(&["orders:spend_1h", "nocolon"], vec![Key::Int64Key(1)])).starts_with("features[1]:"));
+        assert!(message(request(&["nope:x"], vec![Key::Int64Key(1)])).contains("unknown feature view \"nope\""));
+        assert!(message(request(&["orders:nope"], vec![Key::Int64Key(1)])).contains("has no feature \"nope\""));
+        let wrong_type = message(request(&["orders:spend_1h"], vec![Key::Int64Key(1), Key::StringKey("a".into())]));
+        assert!(wrong_type.starts_with("entities[1]:") && wrong_type.contains("int64_key"), "{wrong_type}");
         let mut unset = request(&["orders:spend_1h"], vec![Key::Int64Key(1)]);
         unset.entities.push(EntityKey { key: None });
         assert!(message(unset).starts_with("entities[1]: key is not set"));
         let mut negative = request(&["orders:spend_1h"], vec![Key::Int64Key(1)]);
-        negative.max_age = Some(prost_types::Duration {
-            seconds: -1,
-            nanos: 0,
-        });
+        negative.max_age = Some(prost_types::Duration { seconds: -1, nanos: 0 });
         assert!(message(negative).starts_with("max_age:"));
     }
 }

@@ -7,10 +7,9 @@
 use std::{sync::Arc, time::Duration};
 
 use freshet_proto::v1::{
-    EntityFeatures, Feature as ProtoFeature, FeatureStatus, FeatureValue, FeatureView as ProtoView,
-    GetFeaturesRequest, GetFeaturesResponse, GetFreshnessRequest, GetFreshnessResponse,
-    ListFeatureViewsRequest, ListFeatureViewsResponse, PartitionFreshness, Value,
-    ValueType as ProtoType, ViewFreshness, feature_service_server::FeatureService, value::Kind,
+    EntityFeatures, Feature as ProtoFeature, FeatureStatus, FeatureValue, FeatureView as ProtoView, GetFeaturesRequest,
+    GetFeaturesResponse, GetFreshnessRequest, GetFreshnessResponse, ListFeatureViewsRequest, ListFeatureViewsResponse, PartitionFreshness,
+    Value, ValueType as ProtoType, ViewFreshness, feature_service_server::FeatureService, value::Kind,
 };
 use freshet_store::{
     offsets,
@@ -33,14 +32,12 @@ pub struct Features {
 
 #[tonic::async_trait]
 impl FeatureService for Features {
-    async fn get_features(
-        &self,
-        request: Request<GetFeaturesRequest>,
-    ) -> Result<Response<GetFeaturesResponse>, Status> {
+    async fn get_features(&self, request: Request<GetFeaturesRequest>) -> Result<Response<GetFeaturesResponse>, Status> {
         let request = request.into_inner();
         let plan = request::plan(&self.catalog, &request, self.max_entities)?;
         let now_ms = now_ms();
-        let states = self.reader.read(&plan.views, &plan.entities).await?;
+        let (states, cache) = self.reader.read(&plan.views, &plan.entities).await?;
+        tracing::Span::current().record("cache", tracing::field::debug(cache));
         let results = request
             .entities
             .into_iter()
@@ -54,30 +51,17 @@ impl FeatureService for Features {
                         let view = plan.views[v];
                         let max_age = plan.max_age.map_or(view.max_age, |m| m.min(view.max_age));
                         match states.get(&(view.name.clone(), entity.clone())) {
-                            None => FeatureValue {
-                                value: None,
-                                status: FeatureStatus::NotFound as i32,
-                                event_time: None,
-                            },
-                            Some(state) => {
-                                feature_value(state.read(feature, now_ms), max_age, now_ms)
-                            }
+                            None => FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None },
+                            Some(state) => feature_value(state.read(feature, now_ms), max_age, now_ms),
                         }
                     })
                     .collect(),
             })
             .collect();
-        Ok(Response::new(GetFeaturesResponse {
-            feature_names: request.features,
-            results,
-            served_at: Some(timestamp(now_ms)),
-        }))
+        Ok(Response::new(GetFeaturesResponse { feature_names: request.features, results, served_at: Some(timestamp(now_ms)) }))
     }
 
-    async fn get_freshness(
-        &self,
-        request: Request<GetFreshnessRequest>,
-    ) -> Result<Response<GetFreshnessResponse>, Status> {
+    async fn get_freshness(&self, request: Request<GetFreshnessRequest>) -> Result<Response<GetFreshnessResponse>, Status> {
         let asked = request.into_inner().views;
         let views: Vec<&FeatureView> = if asked.is_empty() {
             self.catalog.views.iter().collect()
@@ -86,18 +70,12 @@ impl FeatureService for Features {
                 .iter()
                 .enumerate()
                 .map(|(i, name)| {
-                    self.catalog.view(name).ok_or_else(|| {
-                        Status::invalid_argument(format!(
-                            "views[{i}]: unknown feature view {name:?}"
-                        ))
-                    })
+                    self.catalog.view(name).ok_or_else(|| Status::invalid_argument(format!("views[{i}]: unknown feature view {name:?}")))
                 })
                 .collect::<Result<_, _>>()?
         };
         let topics = self.catalog.topics();
-        let statuses = offsets::status(&self.pool, &self.group, &topics)
-            .await
-            .map_err(unavailable)?;
+        let statuses = offsets::status(&self.pool, &self.group, &topics).await.map_err(unavailable)?;
         let now_ms = now_ms();
         let views = views
             .into_iter()
@@ -131,16 +109,10 @@ impl FeatureService for Features {
                 }
             })
             .collect();
-        Ok(Response::new(GetFreshnessResponse {
-            views,
-            served_at: Some(timestamp(now_ms)),
-        }))
+        Ok(Response::new(GetFreshnessResponse { views, served_at: Some(timestamp(now_ms)) }))
     }
 
-    async fn list_feature_views(
-        &self,
-        _: Request<ListFeatureViewsRequest>,
-    ) -> Result<Response<ListFeatureViewsResponse>, Status> {
+    async fn list_feature_views(&self, _: Request<ListFeatureViewsRequest>) -> Result<Response<ListFeatureViewsResponse>, Status> {
         Ok(Response::new(list_views(&self.catalog)))
     }
 }
@@ -181,24 +153,12 @@ pub fn list_views(catalog: &Catalog) -> ListFeatureViewsResponse {
 fn feature_value(reading: Reading, max_age: Duration, now_ms: i64) -> FeatureValue {
     let too_old = |at_ms: i64| now_ms.saturating_sub(at_ms) > max_age.as_millis() as i64;
     let (value, status, at_ms) = match reading {
-        Reading::Value { at_ms, .. } if too_old(at_ms) => {
-            (None, FeatureStatus::OutsideMaxAge, Some(at_ms))
-        }
-        Reading::Null { at_ms: Some(at_ms) } if too_old(at_ms) => {
-            (None, FeatureStatus::OutsideMaxAge, Some(at_ms))
-        }
-        Reading::Value { value, at_ms } => (
-            Some(proto_value(value)),
-            FeatureStatus::Present,
-            Some(at_ms),
-        ),
+        Reading::Value { at_ms, .. } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
+        Reading::Null { at_ms: Some(at_ms) } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
+        Reading::Value { value, at_ms } => (Some(proto_value(value)), FeatureStatus::Present, Some(at_ms)),
         Reading::Null { at_ms } => (None, FeatureStatus::NullValue, at_ms),
     };
-    FeatureValue {
-        value,
-        status: status as i32,
-        event_time: at_ms.map(timestamp),
-    }
+    FeatureValue { value, status: status as i32, event_time: at_ms.map(timestamp) }
 }
 
 fn proto_value(value: Scalar) -> Value {
@@ -229,23 +189,15 @@ pub fn unavailable(e: sqlx::Error) -> Status {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
+    prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
-    prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
+    prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
 }
 
 #[cfg(test)]
@@ -256,33 +208,13 @@ mod tests {
     fn max_age_is_enforced_not_left_to_the_client() {
         let hour = Duration::from_secs(3600);
         let now = 10_000_000;
-        let fresh = feature_value(
-            Reading::Value {
-                value: Scalar::Int(3),
-                at_ms: now - 1000,
-            },
-            hour,
-            now,
-        );
+        let fresh = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 1000 }, hour, now);
         assert_eq!(fresh.status(), FeatureStatus::Present);
         assert_eq!(fresh.value.unwrap().kind, Some(Kind::Int64Value(3)));
-        let stale = feature_value(
-            Reading::Value {
-                value: Scalar::Int(3),
-                at_ms: now - 3_600_001,
-            },
-            hour,
-            now,
-        );
+        let stale = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 3_600_001 }, hour, now);
         assert_eq!(stale.status(), FeatureStatus::OutsideMaxAge);
         assert!(stale.value.is_none(), "a stale value is not returned");
-        assert_eq!(
-            feature_value(Reading::Null { at_ms: None }, hour, now).status(),
-            FeatureStatus::NullValue
-        );
-        assert_eq!(
-            feature_value(Reading::Null { at_ms: Some(0) }, hour, now).status(),
-            FeatureStatus::OutsideMaxAge
-        );
+        assert_eq!(feature_value(Reading::Null { at_ms: None }, hour, now).status(), FeatureStatus::NullValue);
+        assert_eq!(feature_value(Reading::Null { at_ms: Some(0) }, hour, now).status(), FeatureStatus::OutsideMaxAge);
     }
 }

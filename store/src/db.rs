@@ -36,15 +36,9 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 
 /// Fails with a clear message unless every embedded migration is applied.
 pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
-    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text")
-        .fetch_one(pool)
-        .await?;
+    let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text").fetch_one(pool).await?;
     let applied: Vec<i64> = match table {
-        Some(_) => {
-            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                .fetch_all(pool)
-                .await?
-        }
+        Some(_) => sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success").fetch_all(pool).await?,
         None => Vec::new(),
     };
     match MIGRATOR.iter().find(|m| !applied.contains(&m.version)) {

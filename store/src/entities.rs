@@ -14,12 +14,8 @@ pub type RowKey = (String, String);
 
 /// Locks and reads the rows of `keys` for a read-modify-write in `tx`. Rows
 /// are locked in key order, so concurrent batches cannot deadlock.
-pub async fn load_for_update(
-    tx: &mut PgConnection,
-    keys: &[RowKey],
-) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
-    let (views, entities): (Vec<&str>, Vec<&str>) =
-        keys.iter().map(|(v, e)| (v.as_str(), e.as_str())).unzip();
+pub async fn load_for_update(tx: &mut PgConnection, keys: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
+    let (views, entities): (Vec<&str>, Vec<&str>) = keys.iter().map(|(v, e)| (v.as_str(), e.as_str())).unzip();
     let rows: Vec<(String, String, String)> = sqlx::query_as(
         "SELECT s.view, s.entity, s.state::text FROM feature_state s
          JOIN UNNEST($1::text[], $2::text[]) AS k(view, entity) ON s.view = k.view AND s.entity = k.entity
@@ -29,16 +25,11 @@ pub async fn load_for_update(
     .bind(&entities)
     .fetch_all(&mut *tx)
     .await?;
-    rows.into_iter()
-        .map(|(view, entity, state)| Ok(((view, entity), decode(&state)?)))
-        .collect()
+    rows.into_iter().map(|(view, entity, state)| Ok(((view, entity), decode(&state)?))).collect()
 }
 
 /// Writes `rows` back, inserting the new ones, in one statement.
-pub async fn store(
-    tx: &mut PgConnection,
-    rows: &[(RowKey, EntityState)],
-) -> Result<(), sqlx::Error> {
+pub async fn store(tx: &mut PgConnection, rows: &[(RowKey, EntityState)]) -> Result<(), sqlx::Error> {
     let mut views = Vec::with_capacity(rows.len());
     let mut entities = Vec::with_capacity(rows.len());
     let mut states = Vec::with_capacity(rows.len());
@@ -67,22 +58,63 @@ pub async fn store(
 
 /// Reads the state of every (view, entity) pair of `views` × `entities` in one
 /// query; a pair never seen is absent from the map.
-pub async fn read(
-    pool: &PgPool,
-    views: &[&str],
-    entities: &[&str],
-) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
+pub async fn read(pool: &PgPool, views: &[&str], entities: &[&str]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
     let rows: Vec<(String, String, String)> =
         sqlx::query_as("SELECT view, entity, state::text FROM feature_state WHERE view = ANY($1) AND entity = ANY($2)")
             .bind(views)
             .bind(entities)
             .fetch_all(pool)
             .await?;
-    rows.into_iter()
-        .map(|(view, entity, state)| Ok(((view, entity), decode(&state)?)))
-        .collect()
+    rows.into_iter().map(|(view, entity, state)| Ok(((view, entity), decode(&state)?))).collect()
 }
 
 fn decode(text: &str) -> Result<EntityState, sqlx::Error> {
     serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// The NOTIFY channel on which each commit names the rows it changed.
+pub const CHANGES_CHANNEL: &str = "freshet_state_changed";
+
+/// Postgres refuses NOTIFY payloads of 8000 bytes or more.
+const MAX_PAYLOAD: usize = 7000;
+
+/// Announces, inside `tx`, the rows it changes. Notifications are delivered
+/// when (and only if) `tx` commits.
+pub async fn notify_changes(tx: &mut PgConnection, keys: &[RowKey]) -> Result<(), sqlx::Error> {
+    let mut payloads = Vec::new();
+    let mut chunk: Vec<&RowKey> = Vec::new();
+    let mut size = 2;
+    for key in keys {
+        let len = key.0.len() + key.1.len() + 8;
+        if size + len > MAX_PAYLOAD && !chunk.is_empty() {
+            payloads.push(serde_json::to_string(&chunk).expect("strings serialize"));
+            chunk.clear();
+            size = 2;
+        }
+        chunk.push(key);
+        size += len;
+    }
+    if !chunk.is_empty() {
+        payloads.push(serde_json::to_string(&chunk).expect("strings serialize"));
+    }
+    sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p").bind(CHANGES_CHANNEL).bind(&payloads).execute(&mut *tx).await?;
+    Ok(())
+}
+
+/// The rows named by one notification payload.
+pub fn parse_changes(payload: &str) -> Vec<RowKey> {
+    serde_json::from_str(payload).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_payloads_round_trip() {
+        let keys = vec![("orders".to_string(), "42".to_string()), ("user_activity".to_string(), "a\"b\t\n".to_string())];
+        let payload = serde_json::to_string(&keys.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(parse_changes(&payload), keys);
+        assert!(parse_changes("not json").is_empty());
+    }
 }

@@ -24,13 +24,7 @@ pub struct Claim {
 }
 
 /// Takes ownership of `partitions` of `topic` for `owner`.
-pub async fn claim(
-    pool: &PgPool,
-    group: &str,
-    topic: &str,
-    partitions: &[i32],
-    owner: &str,
-) -> Result<Vec<Claim>, sqlx::Error> {
+pub async fn claim(pool: &PgPool, group: &str, topic: &str, partitions: &[i32], owner: &str) -> Result<Vec<Claim>, sqlx::Error> {
     let rows: Vec<(i32, i64, i64, Option<i64>)> = sqlx::query_as(
         "INSERT INTO ingest_offsets (consumer_group, topic, partition, owner_epoch, owner)
          SELECT $1, $2, p, 1, $4 FROM UNNEST($3::int4[]) AS p
@@ -74,11 +68,7 @@ pub struct Advance {
 /// Advances every partition of a batch inside `tx`. Returns the
 /// (topic, partition) pairs whose compare-and-set failed: if any did, the
 /// caller must roll back.
-pub async fn advance(
-    tx: &mut PgConnection,
-    group: &str,
-    advances: &[Advance],
-) -> Result<Vec<(String, i32)>, sqlx::Error> {
+pub async fn advance(tx: &mut PgConnection, group: &str, advances: &[Advance]) -> Result<Vec<(String, i32)>, sqlx::Error> {
     let col = |f: fn(&Advance) -> i64| advances.iter().map(f).collect::<Vec<i64>>();
     let topics: Vec<&str> = advances.iter().map(|a| a.topic.as_str()).collect();
     let partitions: Vec<i32> = advances.iter().map(|a| a.partition).collect();
@@ -113,11 +103,7 @@ pub async fn advance(
     .await?;
     Ok(advances
         .iter()
-        .filter(|a| {
-            !updated
-                .iter()
-                .any(|(t, p)| *t == a.topic && *p == a.partition)
-        })
+        .filter(|a| !updated.iter().any(|(t, p)| *t == a.topic && *p == a.partition))
         .map(|a| (a.topic.clone(), a.partition))
         .collect())
 }
@@ -136,22 +122,8 @@ pub struct PartitionStatus {
     pub records_late: i64,
 }
 
-pub async fn status(
-    pool: &PgPool,
-    group: &str,
-    topics: &[String],
-) -> Result<Vec<PartitionStatus>, sqlx::Error> {
-    let rows: Vec<(
-        String,
-        i32,
-        i64,
-        i64,
-        Option<i64>,
-        Option<i64>,
-        i64,
-        i64,
-        i64,
-    )> = sqlx::query_as(
+pub async fn status(pool: &PgPool, group: &str, topics: &[String]) -> Result<Vec<PartitionStatus>, sqlx::Error> {
+    let rows: Vec<(String, i32, i64, i64, Option<i64>, Option<i64>, i64, i64, i64)> = sqlx::query_as(
         "SELECT topic, partition, next_offset, high_watermark,
                 (extract(epoch FROM newest_event_at) * 1000)::int8,
                 (extract(epoch FROM last_commit_at) * 1000)::int8,
@@ -205,11 +177,7 @@ pub struct DeadLetter {
     pub error_message: String,
 }
 
-pub async fn record_dead_letters(
-    tx: &mut PgConnection,
-    group: &str,
-    letters: &[DeadLetter],
-) -> Result<(), sqlx::Error> {
+pub async fn record_dead_letters(tx: &mut PgConnection, group: &str, letters: &[DeadLetter]) -> Result<(), sqlx::Error> {
     if letters.is_empty() {
         return Ok(());
     }

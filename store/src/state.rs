@@ -104,10 +104,7 @@ pub fn tile_width_ms(window_ms: i64) -> i64 {
 fn series_key(feature: &Feature) -> Option<String> {
     let window = feature.window?;
     let width = tile_width_ms(window.as_millis() as i64);
-    Some(format!(
-        "{}@{width}",
-        feature.field.as_deref().unwrap_or("*")
-    ))
+    Some(format!("{}@{width}", feature.field.as_deref().unwrap_or("*")))
 }
 
 /// How an event changes tiles.
@@ -121,13 +118,7 @@ impl EntityState {
     /// Applies (or, for `Retract`, takes back) one event. `in_windows` is false
     /// for an event later than the allowed lateness: it still updates `last`
     /// values (guarded by event time) but not windows.
-    pub fn apply(
-        &mut self,
-        view: &FeatureView,
-        event: &Event,
-        direction: Direction,
-        in_windows: bool,
-    ) {
+    pub fn apply(&mut self, view: &FeatureView, event: &Event, direction: Direction, in_windows: bool) {
         if direction == Direction::Add {
             self.newest_ms = self.newest_ms.max(event.at_ms);
         }
@@ -151,13 +142,7 @@ impl EntityState {
             };
             if let Some(value) = value {
                 let width = tile_width_ms(feature.window.unwrap().as_millis() as i64);
-                update_tile(
-                    self.series.entry(key.clone()).or_default(),
-                    event.at_ms,
-                    width,
-                    value,
-                    direction,
-                );
+                update_tile(self.series.entry(key.clone()).or_default(), event.at_ms, width, value, direction);
             }
             touched.push(key);
         }
@@ -169,18 +154,9 @@ impl EntityState {
         let Some(value) = event.fields.get(field) else {
             return;
         };
-        let newer = self
-            .last
-            .get(&feature.name)
-            .is_none_or(|old| old.at_ms <= event.at_ms);
+        let newer = self.last.get(&feature.name).is_none_or(|old| old.at_ms <= event.at_ms);
         if newer {
-            self.last.insert(
-                feature.name.clone(),
-                LastValue {
-                    at_ms: event.at_ms,
-                    value: value.clone(),
-                },
-            );
+            self.last.insert(feature.name.clone(), LastValue { at_ms: event.at_ms, value: value.clone() });
         }
     }
 
@@ -215,51 +191,24 @@ impl EntityState {
     pub fn read(&self, feature: &Feature, now_ms: i64) -> Reading {
         if feature.aggregation == Aggregation::Last {
             return match self.last.get(&feature.name) {
-                Some(LastValue {
-                    value: Scalar::Null,
-                    at_ms,
-                }) => Reading::Null {
-                    at_ms: Some(*at_ms),
-                },
-                Some(last) => Reading::Value {
-                    value: last.value.clone(),
-                    at_ms: last.at_ms,
-                },
+                Some(LastValue { value: Scalar::Null, at_ms }) => Reading::Null { at_ms: Some(*at_ms) },
+                Some(last) => Reading::Value { value: last.value.clone(), at_ms: last.at_ms },
                 None => Reading::Null { at_ms: None },
             };
         }
-        let window_ms = feature
-            .window
-            .map(|w| w.as_millis() as i64)
-            .unwrap_or_default();
+        let window_ms = feature.window.map(|w| w.as_millis() as i64).unwrap_or_default();
         let width = tile_width_ms(window_ms);
         let empty = Vec::new();
-        let tiles = series_key(feature)
-            .and_then(|k| self.series.get(&k))
-            .unwrap_or(&empty);
-        let mut total = Tile {
-            start_ms: 0,
-            count: 0,
-            sum: 0.0,
-            min: f64::INFINITY,
-            max: f64::NEG_INFINITY,
-            newest_ms: i64::MIN,
-        };
-        for tile in tiles
-            .iter()
-            .filter(|t| t.start_ms + width > now_ms - window_ms)
-        {
+        let tiles = series_key(feature).and_then(|k| self.series.get(&k)).unwrap_or(&empty);
+        let mut total = Tile { start_ms: 0, count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY, newest_ms: i64::MIN };
+        for tile in tiles.iter().filter(|t| t.start_ms + width > now_ms - window_ms) {
             total.count += tile.count;
             total.sum += tile.sum;
             total.min = total.min.min(tile.min);
             total.max = total.max.max(tile.max);
             total.newest_ms = total.newest_ms.max(tile.newest_ms);
         }
-        let at_ms = if total.count > 0 {
-            total.newest_ms
-        } else {
-            self.newest_ms
-        };
+        let at_ms = if total.count > 0 { total.newest_ms } else { self.newest_ms };
         let typed = |x: f64| match feature.field_type {
             ValueType::Int64 => Scalar::Int(x.round() as i64),
             _ => Scalar::Double(x),
@@ -290,17 +239,7 @@ fn update_tile(tiles: &mut Vec<Tile>, at_ms: i64, width: i64, value: f64, direct
             t.newest_ms = t.newest_ms.max(at_ms);
         }
         (Err(i), Direction::Add) => {
-            tiles.insert(
-                i,
-                Tile {
-                    start_ms,
-                    count: 1,
-                    sum: value,
-                    min: value,
-                    max: value,
-                    newest_ms: at_ms,
-                },
-            );
+            tiles.insert(i, Tile { start_ms, count: 1, sum: value, min: value, max: value, newest_ms: at_ms });
         }
         (Ok(i), Direction::Retract) => {
             // min and max cannot be taken back; views that retract declare none.
@@ -373,11 +312,7 @@ type = "string"
         fields.insert("amount".into(), Scalar::Double(amount));
         fields.insert("items".into(), Scalar::Int(2));
         fields.insert("status".into(), Scalar::Str(status.into()));
-        Event {
-            entity: "1".into(),
-            at_ms,
-            fields,
-        }
+        Event { entity: "1".into(), at_ms, fields }
     }
 
     fn value(state: &EntityState, view: &FeatureView, name: &str, now: i64) -> Reading {
@@ -390,74 +325,22 @@ type = "string"
         let mut s = EntityState::default();
         let t0 = 1_700_000_000_000;
         for i in 0..5 {
-            s.apply(
-                &view,
-                &event(t0 + i * 1000, 10.0, "a"),
-                Direction::Add,
-                true,
-            );
+            s.apply(&view, &event(t0 + i * 1000, 10.0, "a"), Direction::Add, true);
         }
         let now = t0 + 4000;
-        assert_eq!(
-            value(&s, &view, "n_10s", now),
-            Reading::Value {
-                value: Scalar::Int(5),
-                at_ms: t0 + 4000
-            }
-        );
-        assert_eq!(
-            value(&s, &view, "spend_1h", now),
-            Reading::Value {
-                value: Scalar::Double(50.0),
-                at_ms: t0 + 4000
-            }
-        );
-        assert_eq!(
-            value(&s, &view, "items_1h", now),
-            Reading::Value {
-                value: Scalar::Int(10),
-                at_ms: t0 + 4000
-            }
-        );
+        assert_eq!(value(&s, &view, "n_10s", now), Reading::Value { value: Scalar::Int(5), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "spend_1h", now), Reading::Value { value: Scalar::Double(50.0), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "items_1h", now), Reading::Value { value: Scalar::Int(10), at_ms: t0 + 4000 });
         // 12.5 s after the first event only the last two are inside 10 s.
         let later = t0 + 12_500;
-        assert_eq!(
-            value(&s, &view, "n_10s", later),
-            Reading::Value {
-                value: Scalar::Int(2),
-                at_ms: t0 + 4000
-            }
-        );
+        assert_eq!(value(&s, &view, "n_10s", later), Reading::Value { value: Scalar::Int(2), at_ms: t0 + 4000 });
         // Much later, the 10 s window is empty but the hour still counts all.
         let quiet = t0 + 60_000;
-        assert_eq!(
-            value(&s, &view, "n_10s", quiet),
-            Reading::Value {
-                value: Scalar::Int(0),
-                at_ms: t0 + 4000
-            }
-        );
-        assert_eq!(
-            value(&s, &view, "n_1h", quiet),
-            Reading::Value {
-                value: Scalar::Int(5),
-                at_ms: t0 + 4000
-            }
-        );
-        assert_eq!(
-            value(&s, &view, "avg_1h", quiet),
-            Reading::Value {
-                value: Scalar::Double(10.0),
-                at_ms: t0 + 4000
-            }
-        );
+        assert_eq!(value(&s, &view, "n_10s", quiet), Reading::Value { value: Scalar::Int(0), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "n_1h", quiet), Reading::Value { value: Scalar::Int(5), at_ms: t0 + 4000 });
+        assert_eq!(value(&s, &view, "avg_1h", quiet), Reading::Value { value: Scalar::Double(10.0), at_ms: t0 + 4000 });
         // Past the hour, averages have nothing to say.
-        assert_eq!(
-            value(&s, &view, "avg_1h", t0 + 7_200_000),
-            Reading::Null {
-                at_ms: Some(t0 + 4000)
-            }
-        );
+        assert_eq!(value(&s, &view, "avg_1h", t0 + 7_200_000), Reading::Null { at_ms: Some(t0 + 4000) });
     }
 
     #[test]
@@ -466,13 +349,7 @@ type = "string"
         let mut s = EntityState::default();
         s.apply(&view, &event(2000, 1.0, "new"), Direction::Add, true);
         s.apply(&view, &event(1000, 1.0, "old"), Direction::Add, true);
-        assert_eq!(
-            value(&s, &view, "last_status", 3000),
-            Reading::Value {
-                value: Scalar::Str("new".into()),
-                at_ms: 2000
-            }
-        );
+        assert_eq!(value(&s, &view, "last_status", 3000), Reading::Value { value: Scalar::Str("new".into()), at_ms: 2000 });
     }
 
     #[test]
@@ -484,20 +361,8 @@ type = "string"
         s.apply(&view, &e1, Direction::Add, true);
         s.apply(&view, &e2, Direction::Add, true);
         s.apply(&view, &e1, Direction::Retract, true);
-        assert_eq!(
-            value(&s, &view, "n_1h", 2000),
-            Reading::Value {
-                value: Scalar::Int(1),
-                at_ms: 1500
-            }
-        );
-        assert_eq!(
-            value(&s, &view, "spend_1h", 2000),
-            Reading::Value {
-                value: Scalar::Double(7.0),
-                at_ms: 1500
-            }
-        );
+        assert_eq!(value(&s, &view, "n_1h", 2000), Reading::Value { value: Scalar::Int(1), at_ms: 1500 });
+        assert_eq!(value(&s, &view, "spend_1h", 2000), Reading::Value { value: Scalar::Double(7.0), at_ms: 1500 });
     }
 
     #[test]
@@ -505,20 +370,8 @@ type = "string"
         let view = view();
         let mut s = EntityState::default();
         s.apply(&view, &event(1000, 5.0, "a"), Direction::Add, false);
-        assert_eq!(
-            value(&s, &view, "n_1h", 2000),
-            Reading::Value {
-                value: Scalar::Int(0),
-                at_ms: 1000
-            }
-        );
-        assert_eq!(
-            value(&s, &view, "last_status", 2000),
-            Reading::Value {
-                value: Scalar::Str("a".into()),
-                at_ms: 1000
-            }
-        );
+        assert_eq!(value(&s, &view, "n_1h", 2000), Reading::Value { value: Scalar::Int(0), at_ms: 1000 });
+        assert_eq!(value(&s, &view, "last_status", 2000), Reading::Value { value: Scalar::Str("a".into()), at_ms: 1000 });
     }
 
     #[test]
@@ -530,11 +383,7 @@ type = "string"
         }
         // 10 000 s of events, one a second: the hour series keeps about an
         // hour of 72 s tiles, the 10 s one about 10 s of 200 ms tiles.
-        assert!(
-            s.series.values().all(|tiles| tiles.len() <= 52),
-            "{:?}",
-            s.series.values().map(Vec::len).collect::<Vec<_>>()
-        );
+        assert!(s.series.values().all(|tiles| tiles.len() <= 52), "{:?}", s.series.values().map(Vec::len).collect::<Vec<_>>());
     }
 
     /// Shuffling events in event time gives the same windows and last values.
@@ -544,32 +393,15 @@ type = "string"
         let view = view();
         for seed in 0..50u64 {
             let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let events: Vec<Event> = (0..200)
-                .map(|i| {
-                    event(
-                        1_000_000 + (i * 7919) % 100_000,
-                        (i % 13) as f64,
-                        &format!("s{i}"),
-                    )
-                })
-                .collect();
+            let events: Vec<Event> = (0..200).map(|i| event(1_000_000 + (i * 7919) % 100_000, (i % 13) as f64, &format!("s{i}"))).collect();
             let mut shuffled = events.clone();
             shuffled.shuffle(&mut rng);
             let (mut a, mut b) = (EntityState::default(), EntityState::default());
-            events
-                .iter()
-                .for_each(|e| a.apply(&view, e, Direction::Add, true));
-            shuffled
-                .iter()
-                .for_each(|e| b.apply(&view, e, Direction::Add, true));
+            events.iter().for_each(|e| a.apply(&view, e, Direction::Add, true));
+            shuffled.iter().for_each(|e| b.apply(&view, e, Direction::Add, true));
             for f in &view.features {
                 for now in [1_050_000, 1_100_000, 1_200_000] {
-                    assert_eq!(
-                        a.read(f, now),
-                        b.read(f, now),
-                        "seed {seed} feature {} at {now}",
-                        f.name
-                    );
+                    assert_eq!(a.read(f, now), b.read(f, now), "seed {seed} feature {} at {now}", f.name);
                 }
             }
         }

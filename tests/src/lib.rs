@@ -19,9 +19,7 @@ use rdkafka::{
 };
 
 pub fn env(name: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| {
-        panic!("{name} is not set: run the tests through deploy/local/run-tests.sh")
-    })
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests through deploy/local/run-tests.sh"))
 }
 
 pub fn brokers() -> String {
@@ -37,13 +35,8 @@ pub fn unique(prefix: &str) -> String {
 pub async fn fresh_database() -> String {
     let admin_url = env("FRESHET_DATABASE_URL");
     let name = unique("t");
-    let admin = sqlx::PgPool::connect(&admin_url)
-        .await
-        .expect("connect to Postgres");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .expect("create database");
+    let admin = sqlx::PgPool::connect(&admin_url).await.expect("connect to Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("create database");
     admin.close().await;
     let url = match admin_url.rsplit_once('/') {
         Some((base, _)) => format!("{base}/{name}"),
@@ -56,15 +49,9 @@ pub async fn fresh_database() -> String {
 }
 
 pub async fn create_topic(name: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
     let results = admin
-        .create_topics(
-            &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
+        .create_topics(&[NewTopic::new(name, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
         .await
         .expect("create topic");
     for r in results {
@@ -77,11 +64,7 @@ pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     // target/debug/deps/<test> -> target/debug/<name>
     let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace --bins` first",
-        path.display()
-    );
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
     path
 }
 
@@ -92,9 +75,7 @@ pub struct Process {
 
 impl Process {
     pub fn start(command: &mut Command) -> Process {
-        Process {
-            child: command.spawn().expect("start process"),
-        }
+        Process { child: command.spawn().expect("start process") }
     }
 
     pub fn kill(&mut self) {
@@ -111,18 +92,12 @@ impl Process {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!(
-            "process {} did not stop within 30 s of SIGTERM",
-            self.child.id()
-        );
+        panic!("process {} did not stop within 30 s of SIGTERM", self.child.id());
     }
 }
 
 fn send_sigterm(pid: u32) {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
+    let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
 }
 
 impl Drop for Process {
@@ -200,11 +175,7 @@ where
 }
 
 /// `freshet-server serve` on a free port; returns it with its address.
-pub fn server(
-    views: &std::path::Path,
-    database_url: &str,
-    extra: &[&str],
-) -> (Process, std::net::SocketAddr) {
+pub fn server(views: &std::path::Path, database_url: &str, extra: &[&str]) -> (Process, std::net::SocketAddr) {
     use std::io::BufRead;
     let mut process = Process::start(
         Command::new(binary("freshet-server"))
@@ -219,10 +190,7 @@ pub fn server(
     let stdout = process.child.stdout.take().unwrap();
     let mut lines = std::io::BufReader::new(stdout).lines();
     let address = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
+        let line = lines.next().expect("server exited before listening").unwrap();
         if let Some(address) = line.strip_prefix("freshet-server listening on ") {
             break address.parse().unwrap();
         }
@@ -231,8 +199,23 @@ pub fn server(
 }
 
 pub fn reference_views() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../deploy/views/reference.toml"
-    ))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/views/reference.toml"))
+}
+
+/// Runs `deploy/local/services.sh` with `args` (to start private services or
+/// simulate outages), returning its stdout.
+pub fn services(args: &[&str]) -> String {
+    let out = Command::new(env("FRESHET_SERVICES_SCRIPT")).args(args).output().expect("run services.sh");
+    assert!(out.status.success(), "services.sh {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A value exported by `services.sh start` for the services under `dir`.
+pub fn service_env(dir: &std::path::Path, name: &str) -> String {
+    let text = std::fs::read_to_string(dir.join("env")).expect("services env file");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+        .unwrap_or_else(|| panic!("{name} not in {}", dir.display()))
+        .trim_matches('"')
+        .to_string()
 }

@@ -9,9 +9,7 @@ use freshet_store::{
     state::{Reading, Scalar},
     view::Catalog,
 };
-use freshet_tests::{
-    brokers, create_topic, eventually, fresh_database, ingest, unique, views_file,
-};
+use freshet_tests::{brokers, create_topic, eventually, fresh_database, ingest, unique, views_file};
 use rand::{Rng, SeedableRng};
 use rdkafka::{
     ClientConfig, Message,
@@ -74,10 +72,7 @@ struct Act {
 
 impl Act {
     fn json(&self) -> String {
-        format!(
-            r#"{{"user": {}, "at": {}, "amount": {}, "extra": "ignored"}}"#,
-            self.user, self.at_ms, self.amount
-        )
+        format!(r#"{{"user": {}, "at": {}, "amount": {}, "extra": "ignored"}}"#, self.user, self.at_ms, self.amount)
     }
 }
 
@@ -92,15 +87,7 @@ fn reference(acts: &[Act]) -> BTreeMap<i64, (i64, i64, i64, i64)> {
         .into_iter()
         .map(|(user, acts)| {
             let newest = acts.iter().max_by_key(|a| a.at_ms).unwrap();
-            (
-                user,
-                (
-                    acts.len() as i64,
-                    acts.iter().map(|a| a.amount).sum(),
-                    acts.iter().map(|a| a.amount).max().unwrap(),
-                    newest.amount,
-                ),
-            )
+            (user, (acts.len() as i64, acts.iter().map(|a| a.amount).sum(), acts.iter().map(|a| a.amount).max().unwrap(), newest.amount))
         })
         .collect()
 }
@@ -113,25 +100,16 @@ async fn stored(url: &str, views_text: &str, users: &[i64]) -> BTreeMap<i64, (i6
     let keys: Vec<String> = users.iter().map(i64::to_string).collect();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     let states = entities::read(&pool, &["acts"], &key_refs).await.unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
     let int = |r: Reading| match r {
-        Reading::Value {
-            value: Scalar::Int(i),
-            ..
-        } => i,
+        Reading::Value { value: Scalar::Int(i), .. } => i,
         other => panic!("expected an int, got {other:?}"),
     };
     states
         .into_iter()
         .map(|((_, entity), s)| {
             let f = |name: &str| int(s.read(view.feature(name).unwrap(), now));
-            (
-                entity.parse().unwrap(),
-                (f("n"), f("total"), f("biggest"), f("last_amount")),
-            )
+            (entity.parse().unwrap(), (f("n"), f("total"), f("biggest"), f("last_amount")))
         })
         .collect()
 }
@@ -147,13 +125,7 @@ async fn applied(url: &str, group: &str) -> i64 {
 
 /// Produces `acts` in transactions of `per_tx`, aborting about one in
 /// `abort_one_in`; returns the acts of committed transactions.
-fn produce_transactions(
-    topic: &str,
-    acts: Vec<Act>,
-    per_tx: usize,
-    abort_one_in: u32,
-    seed: u64,
-) -> Vec<Act> {
+fn produce_transactions(topic: &str, acts: Vec<Act>, per_tx: usize, abort_one_in: u32, seed: u64) -> Vec<Act> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("transactional.id", unique("producer"))
@@ -184,9 +156,7 @@ fn produce_transactions(
         if rng.random_ratio(1, abort_one_in) {
             producer.abort_transaction(Duration::from_secs(30)).unwrap();
         } else {
-            producer
-                .commit_transaction(Duration::from_secs(30))
-                .unwrap();
+            producer.commit_transaction(Duration::from_secs(30)).unwrap();
             committed.extend_from_slice(chunk);
         }
     }
@@ -200,14 +170,7 @@ fn random_acts(n: usize, users: i64, seed: u64) -> Vec<Act> {
     let mut times: Vec<i64> = (0..n as i64).map(|i| base + i * 7).collect();
     use rand::seq::SliceRandom;
     times.shuffle(&mut rng);
-    times
-        .into_iter()
-        .map(|at_ms| Act {
-            user: rng.random_range(1..=users),
-            at_ms,
-            amount: rng.random_range(-50..1000),
-        })
-        .collect()
+    times.into_iter().map(|at_ms| Act { user: rng.random_range(1..=users), at_ms, amount: rng.random_range(-50..1000) }).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -227,23 +190,14 @@ async fn aborted_transactions_are_never_applied() {
     })
     .await
     .unwrap();
-    assert!(
-        committed.len() < 3000 && !committed.is_empty(),
-        "some transactions aborted, some committed"
-    );
+    assert!(committed.len() < 3000 && !committed.is_empty(), "some transactions aborted, some committed");
 
     let expected = committed.len() as i64;
-    eventually(Duration::from_secs(60), || async {
-        (applied(&url, &group).await >= expected).then_some(())
-    })
-    .await
-    .unwrap_or_else(|| panic!("ingest did not apply {expected} records in time"));
+    eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= expected).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("ingest did not apply {expected} records in time"));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        applied(&url, &group).await,
-        expected,
-        "exactly the committed records are applied"
-    );
+    assert_eq!(applied(&url, &group).await, expected, "exactly the committed records are applied");
     let users: Vec<i64> = (1..=40).collect();
     assert_eq!(stored(&url, &text, &users).await, reference(&committed));
 }
@@ -274,23 +228,13 @@ async fn sigkill_at_random_points_loses_nothing_and_doubles_nothing() {
     }
     let committed = producer.await.unwrap();
     let expected = committed.len() as i64;
-    eventually(Duration::from_secs(120), || async {
-        (applied(&url, &group).await >= expected).then_some(())
-    })
-    .await
-    .unwrap_or_else(|| panic!("ingest did not apply {expected} records after {kills} kills"));
+    eventually(Duration::from_secs(120), || async { (applied(&url, &group).await >= expected).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("ingest did not apply {expected} records after {kills} kills"));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(
-        applied(&url, &group).await,
-        expected,
-        "no record applied twice"
-    );
+    assert_eq!(applied(&url, &group).await, expected, "no record applied twice");
     let users: Vec<i64> = (1..=200).collect();
-    assert_eq!(
-        stored(&url, &text, &users).await,
-        reference(&committed),
-        "state equals the reference after {kills} SIGKILLs"
-    );
+    assert_eq!(stored(&url, &text, &users).await, reference(&committed), "state equals the reference after {kills} SIGKILLs");
     // A clean stop works too: SIGTERM commits and leaves the group.
     assert!(process.terminate().success());
 }
@@ -308,19 +252,10 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
     let records: Vec<(&str, Option<&str>)> = vec![
         (r#"{"user": 1, "at": 1700000000000, "amount": 10}"#, None),
         ("{not json", Some("freshet.decode.InvalidJson")),
-        (
-            r#"{"at": 1700000000001, "amount": 3}"#,
-            Some("freshet.decode.MissingField"),
-        ),
-        (
-            r#"{"user": 1, "at": 1700000000002, "amount": "three"}"#,
-            Some("freshet.decode.WrongType"),
-        ),
+        (r#"{"at": 1700000000001, "amount": 3}"#, Some("freshet.decode.MissingField")),
+        (r#"{"user": 1, "at": 1700000000002, "amount": "three"}"#, Some("freshet.decode.WrongType")),
         // Valid JSON, but Postgres refuses a NUL character in its JSON.
-        (
-            r#"{"user": 2, "at": 1700000000003, "amount": 4, "note": "nul\u0000here"}"#,
-            Some("freshet.sink.Rejected"),
-        ),
+        (r#"{"user": 2, "at": 1700000000003, "amount": 4, "note": "nul\u0000here"}"#, Some("freshet.sink.Rejected")),
         (r#"{"user": 1, "at": 1700000000004, "amount": 20}"#, None),
         (r#"{"user": 3, "at": 1700000000005, "amount": 5}"#, None),
     ];
@@ -328,14 +263,10 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
         let topic = topic.clone();
         let records: Vec<String> = records.iter().map(|(r, _)| r.to_string()).collect();
         move || {
-            let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-                .set("bootstrap.servers", brokers())
-                .create()
-                .unwrap();
+            let producer: ThreadedProducer<DefaultProducerContext> =
+                ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
             for r in &records {
-                producer
-                    .send(BaseRecord::<str, str>::to(&topic).key("k").payload(r))
-                    .unwrap();
+                producer.send(BaseRecord::<str, str>::to(&topic).key("k").payload(r)).unwrap();
             }
             producer.flush(Duration::from_secs(10)).unwrap();
         }
@@ -343,11 +274,7 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
     .await
     .unwrap();
 
-    eventually(Duration::from_secs(60), || async {
-        (applied(&url, &group).await >= 3).then_some(())
-    })
-    .await
-    .expect("good records applied");
+    eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= 3).then_some(()) }).await.expect("good records applied");
     let state = stored(&url, &text, &[1, 2, 3]).await;
     assert_eq!(state.get(&1), Some(&(2, 30, 20, 20)));
     assert_eq!(state.get(&2), None, "the rejected record left no trace");
@@ -370,32 +297,17 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
                 let headers: BTreeMap<String, String> = m
                     .headers()
                     .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                (
-                                    h.key.to_string(),
-                                    String::from_utf8_lossy(h.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
+                        h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
                     })
                     .unwrap_or_default();
-                letters.push((
-                    String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
-                    headers,
-                ));
+                letters.push((String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(), headers));
             }
         }
         letters
     })
     .await
     .unwrap();
-    let poison: Vec<(usize, &str)> = records
-        .iter()
-        .enumerate()
-        .filter_map(|(i, (_, class))| class.map(|c| (i, c)))
-        .collect();
+    let poison: Vec<(usize, &str)> = records.iter().enumerate().filter_map(|(i, (_, class))| class.map(|c| (i, c))).collect();
     assert_eq!(letters.len(), poison.len(), "{letters:?}");
     for ((payload, headers), (offset, class)) in letters.iter().zip(&poison) {
         assert_eq!(payload, records[*offset].0);
@@ -404,24 +316,14 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
         assert_eq!(headers["__connect.errors.offset"], offset.to_string());
         assert_eq!(headers["__connect.errors.exception.class.name"], *class);
         assert!(!headers["__connect.errors.exception.message"].is_empty());
-        let stage = if *class == "freshet.sink.Rejected" {
-            "SINK"
-        } else {
-            "VALUE_CONVERTER"
-        };
+        let stage = if *class == "freshet.sink.Rejected" { "SINK" } else { "VALUE_CONVERTER" };
         assert_eq!(headers["__connect.errors.stage"], stage);
     }
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let (dead, next): (i64, i64) = sqlx::query_as(
-        "SELECT records_dead, next_offset FROM ingest_offsets WHERE consumer_group = $1",
-    )
-    .bind(&group)
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(
-        (dead, next),
-        (4, records.len() as i64),
-        "dead letters are committed with the offsets that skip them"
-    );
+    let (dead, next): (i64, i64) = sqlx::query_as("SELECT records_dead, next_offset FROM ingest_offsets WHERE consumer_group = $1")
+        .bind(&group)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!((dead, next), (4, records.len() as i64), "dead letters are committed with the offsets that skip them");
 }

@@ -5,8 +5,8 @@
 use std::{collections::BTreeMap, process::Command, time::Duration};
 
 use freshet_proto::v1::{
-    EntityKey, FeatureStatus, GetFeaturesRequest, GetFreshnessRequest, ListFeatureViewsRequest,
-    entity_key::Key, feature_service_client::FeatureServiceClient, value::Kind,
+    EntityKey, FeatureStatus, GetFeaturesRequest, GetFreshnessRequest, ListFeatureViewsRequest, entity_key::Key,
+    feature_service_client::FeatureServiceClient, value::Kind,
 };
 use freshet_store::{
     entities,
@@ -17,10 +17,7 @@ use freshet_tests::{fresh_database, reference_views, server};
 use tonic::Code;
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
 /// Writes events into the store with the same code ingest uses.
@@ -29,38 +26,21 @@ async fn store_events(url: &str, view: &str, events: Vec<Event>) {
     let view = catalog.view(view).unwrap();
     let mut states: BTreeMap<String, EntityState> = BTreeMap::new();
     for e in &events {
-        states
-            .entry(e.entity.clone())
-            .or_default()
-            .apply(view, e, Direction::Add, true);
+        states.entry(e.entity.clone()).or_default().apply(view, e, Direction::Add, true);
     }
     let pool = sqlx::PgPool::connect(url).await.unwrap();
     let mut tx = pool.begin().await.unwrap();
-    let rows: Vec<_> = states
-        .into_iter()
-        .map(|(entity, s)| ((view.name.clone(), entity), s))
-        .collect();
+    let rows: Vec<_> = states.into_iter().map(|(entity, s)| ((view.name.clone(), entity), s)).collect();
     entities::store(&mut tx, &rows).await.unwrap();
     tx.commit().await.unwrap();
 }
 
 fn event(entity: i64, at_ms: i64, fields: &[(&str, Scalar)]) -> Event {
-    Event {
-        entity: entity.to_string(),
-        at_ms,
-        fields: fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-    }
+    Event { entity: entity.to_string(), at_ms, fields: fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() }
 }
 
 fn ids(keys: &[i64]) -> Vec<EntityKey> {
-    keys.iter()
-        .map(|k| EntityKey {
-            key: Some(Key::Int64Key(*k)),
-        })
-        .collect()
+    keys.iter().map(|k| EntityKey { key: Some(Key::Int64Key(*k)) }).collect()
 }
 
 #[tokio::test]
@@ -71,56 +51,24 @@ async fn serves_every_status_and_type_in_request_order() {
         &url,
         "orders",
         vec![
-            event(
-                1,
-                now - 2000,
-                &[
-                    ("amount", Scalar::Double(10.5)),
-                    ("items", Scalar::Int(2)),
-                    ("express", Scalar::Bool(true)),
-                ],
-            ),
-            event(
-                1,
-                now - 1000,
-                &[
-                    ("amount", Scalar::Double(4.5)),
-                    ("items", Scalar::Int(1)),
-                    ("express", Scalar::Bool(false)),
-                ],
-            ),
+            event(1, now - 2000, &[("amount", Scalar::Double(10.5)), ("items", Scalar::Int(2)), ("express", Scalar::Bool(true))]),
+            event(1, now - 1000, &[("amount", Scalar::Double(4.5)), ("items", Scalar::Int(1)), ("express", Scalar::Bool(false))]),
             // User 2 has orders but never said whether express.
             event(2, now - 1000, &[("amount", Scalar::Double(1.0))]),
             // User 3 ordered two days ago: beyond the view's 1 day max age.
-            event(
-                3,
-                now - 2 * 86_400_000,
-                &[
-                    ("amount", Scalar::Double(7.0)),
-                    ("express", Scalar::Bool(true)),
-                ],
-            ),
+            event(3, now - 2 * 86_400_000, &[("amount", Scalar::Double(7.0)), ("express", Scalar::Bool(true))]),
         ],
     )
     .await;
     store_events(
         &url,
         "user_activity",
-        vec![event(
-            1,
-            now - 3000,
-            &[
-                ("event_type", Scalar::Str("click".into())),
-                ("occurred_at", Scalar::Time(now - 3000)),
-            ],
-        )],
+        vec![event(1, now - 3000, &[("event_type", Scalar::Str("click".into())), ("occurred_at", Scalar::Time(now - 3000))])],
     )
     .await;
 
     let (_server, address) = server(&reference_views(), &url, &[]);
-    let mut client = FeatureServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     let features = [
         "orders:spend_1h",
         "orders:orders_1h",
@@ -143,13 +91,8 @@ async fn serves_every_status_and_type_in_request_order() {
     assert_eq!(response.feature_names, features);
     let rows = &response.results;
     assert_eq!(
-        rows.iter()
-            .map(|r| r.entity.clone().unwrap().key)
-            .collect::<Vec<_>>(),
-        ids(&[2, 1, 404, 3])
-            .into_iter()
-            .map(|k| k.key)
-            .collect::<Vec<_>>()
+        rows.iter().map(|r| r.entity.clone().unwrap().key).collect::<Vec<_>>(),
+        ids(&[2, 1, 404, 3]).into_iter().map(|k| k.key).collect::<Vec<_>>()
     );
     let kind = |row: usize, col: usize| rows[row].values[col].value.clone().and_then(|v| v.kind);
     let status = |row: usize, col: usize| rows[row].values[col].status();
@@ -160,16 +103,9 @@ async fn serves_every_status_and_type_in_request_order() {
     assert_eq!(kind(1, 2), Some(Kind::DoubleValue(10.5)));
     assert_eq!(kind(1, 3), Some(Kind::DoubleValue(7.5)));
     assert_eq!(kind(1, 4), Some(Kind::Int64Value(3)));
-    assert_eq!(
-        kind(1, 5),
-        Some(Kind::BoolValue(false)),
-        "the newest order's flag"
-    );
+    assert_eq!(kind(1, 5), Some(Kind::BoolValue(false)), "the newest order's flag");
     assert_eq!(kind(1, 6), Some(Kind::StringValue("click".into())));
-    let at = prost_types::Timestamp {
-        seconds: (now - 3000).div_euclid(1000),
-        nanos: ((now - 3000).rem_euclid(1000) * 1_000_000) as i32,
-    };
+    let at = prost_types::Timestamp { seconds: (now - 3000).div_euclid(1000), nanos: ((now - 3000).rem_euclid(1000) * 1_000_000) as i32 };
     assert_eq!(kind(1, 7), Some(Kind::TimestampValue(at.clone())));
     assert_eq!(rows[1].values[6].event_time, Some(at));
     assert!((0..8).all(|c| status(1, c) == FeatureStatus::Present));
@@ -180,12 +116,7 @@ async fn serves_every_status_and_type_in_request_order() {
     assert_eq!(status(0, 6), FeatureStatus::NotFound);
     // Unknown entity.
     assert!((0..8).all(|c| status(2, c) == FeatureStatus::NotFound));
-    assert!(
-        rows[2]
-            .values
-            .iter()
-            .all(|v| v.value.is_none() && v.event_time.is_none())
-    );
+    assert!(rows[2].values.iter().all(|v| v.value.is_none() && v.event_time.is_none()));
     // User 3: too old for the view's max age; the stale value is withheld.
     assert_eq!(status(3, 5), FeatureStatus::OutsideMaxAge);
     assert_eq!(rows[3].values[5].value, None);
@@ -195,54 +126,31 @@ async fn serves_every_status_and_type_in_request_order() {
         .get_features(GetFeaturesRequest {
             features: vec!["orders:last_express".into()],
             entities: ids(&[1]),
-            max_age: Some(prost_types::Duration {
-                seconds: 0,
-                nanos: 500_000_000,
-            }),
+            max_age: Some(prost_types::Duration { seconds: 0, nanos: 500_000_000 }),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        strict.results[0].values[0].status(),
-        FeatureStatus::OutsideMaxAge
-    );
+    assert_eq!(strict.results[0].values[0].status(), FeatureStatus::OutsideMaxAge);
 }
 
 #[tokio::test]
 async fn windows_decay_without_new_events() {
     let url = fresh_database().await;
     let now = now_ms();
-    store_events(
-        &url,
-        "user_activity",
-        vec![event(7, now - 6000, &[]), event(7, now - 100, &[])],
-    )
-    .await;
+    store_events(&url, "user_activity", vec![event(7, now - 6000, &[]), event(7, now - 100, &[])]).await;
     let (_server, address) = server(&reference_views(), &url, &[]);
-    let mut client = FeatureServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     let ask = || GetFeaturesRequest {
-        features: vec![
-            "user_activity:events_10s".into(),
-            "user_activity:events_1h".into(),
-        ],
+        features: vec!["user_activity:events_10s".into(), "user_activity:events_1h".into()],
         entities: ids(&[7]),
         max_age: None,
     };
     let counts = |r: freshet_proto::v1::GetFeaturesResponse| -> Vec<Option<Kind>> {
-        r.results[0]
-            .values
-            .iter()
-            .map(|v| v.value.clone().and_then(|v| v.kind))
-            .collect()
+        r.results[0].values.iter().map(|v| v.value.clone().and_then(|v| v.kind)).collect()
     };
     let before = counts(client.get_features(ask()).await.unwrap().into_inner());
-    assert_eq!(
-        before,
-        [Some(Kind::Int64Value(2)), Some(Kind::Int64Value(2))]
-    );
+    assert_eq!(before, [Some(Kind::Int64Value(2)), Some(Kind::Int64Value(2))]);
     // Wait until the older event has left the 10 s window (no new events).
     let decayed = freshet_tests::eventually(Duration::from_secs(20), || {
         let mut client = client.clone();
@@ -253,75 +161,34 @@ async fn windows_decay_without_new_events() {
     })
     .await
     .expect("the 10 s window should decay");
-    assert_eq!(
-        decayed[1],
-        Some(Kind::Int64Value(2)),
-        "the hour still holds both"
-    );
+    assert_eq!(decayed[1], Some(Kind::Int64Value(2)), "the hour still holds both");
 }
 
 #[tokio::test]
 async fn bad_requests_name_the_field() {
     let url = fresh_database().await;
     let (_server, address) = server(&reference_views(), &url, &["--max-entities", "5"]);
-    let mut client = FeatureServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     let cases: Vec<(GetFeaturesRequest, &str)> = vec![
+        (GetFeaturesRequest { features: vec![], entities: ids(&[1]), max_age: None }, "features:"),
+        (GetFeaturesRequest { features: vec!["orders:spend_1h".into()], entities: vec![], max_age: None }, "entities:"),
         (
-            GetFeaturesRequest {
-                features: vec![],
-                entities: ids(&[1]),
-                max_age: None,
-            },
-            "features:",
-        ),
-        (
-            GetFeaturesRequest {
-                features: vec!["orders:spend_1h".into()],
-                entities: vec![],
-                max_age: None,
-            },
-            "entities:",
-        ),
-        (
-            GetFeaturesRequest {
-                features: vec!["orders:spend_1h".into()],
-                entities: ids(&[1, 2, 3, 4, 5, 6]),
-                max_age: None,
-            },
+            GetFeaturesRequest { features: vec!["orders:spend_1h".into()], entities: ids(&[1, 2, 3, 4, 5, 6]), max_age: None },
             "entities: 6 entities exceed",
         ),
+        (GetFeaturesRequest { features: vec!["orders".into()], entities: ids(&[1]), max_age: None }, "features[0]:"),
         (
-            GetFeaturesRequest {
-                features: vec!["orders".into()],
-                entities: ids(&[1]),
-                max_age: None,
-            },
-            "features[0]:",
-        ),
-        (
-            GetFeaturesRequest {
-                features: vec!["orders:spend_1h".into(), "nope:x".into()],
-                entities: ids(&[1]),
-                max_age: None,
-            },
+            GetFeaturesRequest { features: vec!["orders:spend_1h".into(), "nope:x".into()], entities: ids(&[1]), max_age: None },
             "features[1]: unknown feature view",
         ),
         (
-            GetFeaturesRequest {
-                features: vec!["orders:nope".into()],
-                entities: ids(&[1]),
-                max_age: None,
-            },
+            GetFeaturesRequest { features: vec!["orders:nope".into()], entities: ids(&[1]), max_age: None },
             "features[0]: view \"orders\" has no feature",
         ),
         (
             GetFeaturesRequest {
                 features: vec!["orders:spend_1h".into()],
-                entities: vec![EntityKey {
-                    key: Some(Key::StringKey("u1".into())),
-                }],
+                entities: vec![EntityKey { key: Some(Key::StringKey("u1".into())) }],
                 max_age: None,
             },
             "entities[0]:",
@@ -330,63 +197,30 @@ async fn bad_requests_name_the_field() {
     for (request, expected) in cases {
         let status = client.get_features(request).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
-        assert!(
-            status.message().starts_with(expected),
-            "{:?} should start with {expected:?}",
-            status.message()
-        );
+        assert!(status.message().starts_with(expected), "{:?} should start with {expected:?}", status.message());
     }
-    let status = client
-        .get_freshness(GetFreshnessRequest {
-            views: vec!["nope".into()],
-        })
-        .await
-        .unwrap_err();
+    let status = client.get_freshness(GetFreshnessRequest { views: vec!["nope".into()] }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().starts_with("views[0]:"));
     // Still serving after all that.
-    assert_eq!(
-        client
-            .list_feature_views(ListFeatureViewsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .views
-            .len(),
-        2
-    );
+    assert_eq!(client.list_feature_views(ListFeatureViewsRequest {}).await.unwrap().into_inner().views.len(), 2);
 }
 
 #[tokio::test]
 async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
     let url = fresh_database().await;
-    let (_server, address) = server(
-        &reference_views(),
-        &url,
-        &["--max-in-flight", "2", "--default-deadline-ms", "20000"],
-    );
-    let client = FeatureServiceClient::connect(format!("http://{address}"))
-        .await
-        .unwrap();
+    let (_server, address) = server(&reference_views(), &url, &["--max-in-flight", "2", "--default-deadline-ms", "20000"]);
+    let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     // Hold a lock that makes every read wait, so admitted calls stay in flight.
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let mut blocker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE feature_state IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    sqlx::query("LOCK TABLE feature_state IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
 
-    let request = || GetFeaturesRequest {
-        features: vec!["orders:spend_1h".into()],
-        entities: ids(&[1]),
-        max_age: None,
-    };
+    let request = || GetFeaturesRequest { features: vec!["orders:spend_1h".into()], entities: ids(&[1]), max_age: None };
     let mut slow = Vec::new();
     for _ in 0..2 {
         let mut c = client.clone();
-        slow.push(tokio::spawn(async move {
-            c.get_features(request()).await.map(|_| ())
-        }));
+        slow.push(tokio::spawn(async move { c.get_features(request()).await.map(|_| ()) }));
     }
     // Give the two calls time to be admitted (they then wait on the lock).
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -401,23 +235,15 @@ async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
     assert_eq!(refused, 20);
     drop(blocker);
     for call in slow {
-        call.await
-            .unwrap()
-            .expect("admitted calls complete once the lock is gone");
+        call.await.unwrap().expect("admitted calls complete once the lock is gone");
     }
     // Deadlines: a server whose default deadline is short answers
     // DEADLINE_EXCEEDED for a call stuck on the lock (no client-side timer is
     // set, so the answer is the server's own).
-    let (_short, short_address) =
-        server(&reference_views(), &url, &["--default-deadline-ms", "300"]);
-    let mut short_client = FeatureServiceClient::connect(format!("http://{short_address}"))
-        .await
-        .unwrap();
+    let (_short, short_address) = server(&reference_views(), &url, &["--default-deadline-ms", "300"]);
+    let mut short_client = FeatureServiceClient::connect(format!("http://{short_address}")).await.unwrap();
     let mut blocker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE feature_state IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *blocker)
-        .await
-        .unwrap();
+    sqlx::query("LOCK TABLE feature_state IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
     let status = short_client.get_features(request()).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     drop(blocker);
@@ -430,16 +256,7 @@ async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
 async fn grpcurl_lists_describes_and_calls() {
     let url = fresh_database().await;
     let now = now_ms();
-    store_events(
-        &url,
-        "user_activity",
-        vec![event(
-            42,
-            now - 500,
-            &[("event_type", Scalar::Str("purchase".into()))],
-        )],
-    )
-    .await;
+    store_events(&url, "user_activity", vec![event(42, now - 500, &[("event_type", Scalar::Str("purchase".into()))])]).await;
     let (_server, address) = server(&reference_views(), &url, &[]);
     let grpcurl = |args: &[&str]| -> String {
         let out = Command::new("grpcurl")
@@ -447,62 +264,24 @@ async fn grpcurl_lists_describes_and_calls() {
             .args(args)
             .output()
             .expect("grpcurl is installed by deploy/local/services.sh install");
-        assert!(
-            out.status.success(),
-            "grpcurl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "grpcurl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
     let address = address.to_string();
     let services = grpcurl(&[&address, "list"]);
-    assert!(
-        services.contains("freshet.v1.FeatureService")
-            && services.contains("grpc.health.v1.Health"),
-        "{services}"
-    );
+    assert!(services.contains("freshet.v1.FeatureService") && services.contains("grpc.health.v1.Health"), "{services}");
     let described = grpcurl(&[&address, "describe", "freshet.v1.FeatureService"]);
-    assert!(
-        described.contains("rpc GetFeatures") && described.contains("rpc GetFreshness"),
-        "{described}"
-    );
-    let health = grpcurl(&[
-        "-d",
-        r#"{"service": "freshet.v1.FeatureService"}"#,
-        &address,
-        "grpc.health.v1.Health/Check",
-    ]);
+    assert!(described.contains("rpc GetFeatures") && described.contains("rpc GetFreshness"), "{described}");
+    let health = grpcurl(&["-d", r#"{"service": "freshet.v1.FeatureService"}"#, &address, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("SERVING"), "{health}");
     let views = grpcurl(&[&address, "freshet.v1.FeatureService/ListFeatureViews"]);
-    assert!(
-        views.contains("\"user_activity\"") && views.contains("events_10s"),
-        "{views}"
-    );
+    assert!(views.contains("\"user_activity\"") && views.contains("events_10s"), "{views}");
     let body = r#"{"features": ["user_activity:last_event_type", "user_activity:events_1m"], "entities": [{"int64Key": "42"}]}"#;
-    let features = grpcurl(&[
-        "-d",
-        body,
-        &address,
-        "freshet.v1.FeatureService/GetFeatures",
-    ]);
+    let features = grpcurl(&["-d", body, &address, "freshet.v1.FeatureService/GetFeatures"]);
     let json: serde_json::Value = serde_json::from_str(&features).unwrap();
-    assert_eq!(
-        json["results"][0]["values"][0]["value"]["stringValue"], "purchase",
-        "{features}"
-    );
-    assert_eq!(
-        json["results"][0]["values"][1]["value"]["int64Value"], "1",
-        "{features}"
-    );
+    assert_eq!(json["results"][0]["values"][0]["value"]["stringValue"], "purchase", "{features}");
+    assert_eq!(json["results"][0]["values"][1]["value"]["int64Value"], "1", "{features}");
     assert_eq!(json["results"][0]["values"][0]["status"], "PRESENT");
-    let freshness = grpcurl(&[
-        "-d",
-        "{}",
-        &address,
-        "freshet.v1.FeatureService/GetFreshness",
-    ]);
-    assert!(
-        freshness.contains("\"user_activity\"") && freshness.contains("UNKNOWN"),
-        "{freshness}"
-    );
+    let freshness = grpcurl(&["-d", "{}", &address, "freshet.v1.FeatureService/GetFreshness"]);
+    assert!(freshness.contains("\"user_activity\"") && freshness.contains("UNKNOWN"), "{freshness}");
 }

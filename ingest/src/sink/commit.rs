@@ -63,21 +63,11 @@ pub async fn commit(
     items: &[&Item],
 ) -> Result<HashMap<(String, i32), Owned>, CommitError> {
     let mut tx = pool.begin().await?;
-    let mut keys: Vec<entities::RowKey> = items
-        .iter()
-        .flat_map(|i| {
-            i.changes
-                .iter()
-                .map(|(v, _, e)| (catalog.views[*v].name.clone(), e.entity.clone()))
-        })
-        .collect();
+    let mut keys: Vec<entities::RowKey> =
+        items.iter().flat_map(|i| i.changes.iter().map(|(v, _, e)| (catalog.views[*v].name.clone(), e.entity.clone()))).collect();
     keys.sort();
     keys.dedup();
-    let mut states = if keys.is_empty() {
-        HashMap::new()
-    } else {
-        entities::load_for_update(&mut tx, &keys).await?
-    };
+    let mut states = if keys.is_empty() { HashMap::new() } else { entities::load_for_update(&mut tx, &keys).await? };
 
     let mut progress: HashMap<(String, i32), (Owned, Advance)> = HashMap::new();
     for item in items {
@@ -102,19 +92,14 @@ pub async fn commit(
         advance.next_offset = item.offset + 1;
         advance.high_watermark = advance.high_watermark.max(item.high_watermark);
         advance.newest_event_ms = state.newest_ms;
-        if item.dead.is_some() {
-            advance.dead += 1
-        } else {
-            advance.applied += 1
-        }
+        if item.dead.is_some() { advance.dead += 1 } else { advance.applied += 1 }
     }
 
-    let rows: Vec<_> = keys
-        .into_iter()
-        .filter_map(|k| states.remove(&k).map(|s| (k, s)))
-        .collect();
+    let rows: Vec<_> = keys.into_iter().filter_map(|k| states.remove(&k).map(|s| (k, s))).collect();
     if !rows.is_empty() {
         entities::store(&mut tx, &rows).await?;
+        let changed: Vec<entities::RowKey> = rows.iter().map(|(k, _)| k.clone()).collect();
+        entities::notify_changes(&mut tx, &changed).await?;
     }
     let advances: Vec<Advance> = progress.values().map(|(_, a)| a.clone()).collect();
     let fenced = offsets::advance(&mut tx, group, &advances).await?;
@@ -127,16 +112,7 @@ pub async fn commit(
     tx.commit().await?;
     Ok(progress
         .into_iter()
-        .map(|(tp, (o, a))| {
-            (
-                tp,
-                Owned {
-                    epoch: o.epoch,
-                    stored: a.next_offset,
-                    newest_ms: a.newest_event_ms,
-                },
-            )
-        })
+        .map(|(tp, (o, a))| (tp, Owned { epoch: o.epoch, stored: a.next_offset, newest_ms: a.newest_event_ms }))
         .collect())
 }
 
@@ -156,11 +132,7 @@ pub fn classify(e: &sqlx::Error) -> Failure {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // 22: data exception (bad text, bad JSON escape, out of range);
             // 23: integrity violation; 54: program limit (row too big).
-            Some(code)
-                if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") =>
-            {
-                Failure::Data
-            }
+            Some(code) if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") => Failure::Data,
             _ => Failure::Transient,
         },
         _ => Failure::Transient,

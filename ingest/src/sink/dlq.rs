@@ -41,11 +41,7 @@ impl DeadLetterQueue {
             .set("acks", "all")
             .set("message.timeout.ms", "30000")
             .create()?;
-        Ok(Self {
-            producer,
-            group: group.into(),
-            owner: owner.into(),
-        })
+        Ok(Self { producer, group: group.into(), owner: owner.into() })
     }
 
     /// Produces `record` to `topic`, retrying until acknowledged.
@@ -54,17 +50,11 @@ impl DeadLetterQueue {
         loop {
             let mut headers = OwnedHeaders::new();
             for (name, value) in &record.headers {
-                headers = headers.insert(Header {
-                    key: name,
-                    value: Some(value.as_slice()),
-                });
+                headers = headers.insert(Header { key: name, value: Some(value.as_slice()) });
             }
             let partition = record.partition.to_string();
             let offset = record.offset.to_string();
-            let timestamp = record
-                .timestamp_ms
-                .map(|t| t.to_string())
-                .unwrap_or_default();
+            let timestamp = record.timestamp_ms.map(|t| t.to_string()).unwrap_or_default();
             for (key, value) in [
                 ("__connect.errors.topic", record.topic.as_str()),
                 ("__connect.errors.partition", &partition),
@@ -77,10 +67,7 @@ impl DeadLetterQueue {
                 ("__connect.errors.connector.name", &self.group),
                 ("__connect.errors.task.id", &self.owner),
             ] {
-                headers = headers.insert(Header {
-                    key,
-                    value: Some(value),
-                });
+                headers = headers.insert(Header { key, value: Some(value) });
             }
             let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
             if let Some(key) = &record.key {

@@ -63,10 +63,7 @@ struct Context {
 
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
-        let mut marks = self
-            .high_watermarks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut marks = self.high_watermarks.lock().unwrap_or_else(|e| e.into_inner());
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
                 if partition >= 0 && p.hi_offset >= 0 {
@@ -78,24 +75,12 @@ impl ClientContext for Context {
 }
 
 impl ConsumerContext for Context {
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        tpl: &mut TopicPartitionList,
-    ) {
-        let partitions: Vec<TopicPartition> = tpl
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let partitions: Vec<TopicPartition> = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let (reply, answer) = oneshot::channel();
-                let starts = match self
-                    .events
-                    .blocking_send(SourceEvent::Assign { partitions, reply })
-                {
+                let starts = match self.events.blocking_send(SourceEvent::Assign { partitions, reply }) {
                     Ok(()) => answer.blocking_recv().unwrap_or_default(),
                     Err(_) => Vec::new(),
                 };
@@ -122,14 +107,7 @@ impl ConsumerContext for Context {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let (reply, done) = oneshot::channel();
-                if self
-                    .events
-                    .blocking_send(SourceEvent::Revoke {
-                        partitions: partitions.clone(),
-                        reply,
-                    })
-                    .is_ok()
-                {
+                if self.events.blocking_send(SourceEvent::Revoke { partitions: partitions.clone(), reply }).is_ok() {
                     let _ = done.blocking_recv();
                 }
                 tracing::info!(?partitions, "revoked");
@@ -148,11 +126,7 @@ impl ConsumerContext for Context {
 pub fn spawn(
     settings: Settings,
     in_flight: SharedInFlight,
-) -> KafkaResult<(
-    mpsc::Receiver<SourceEvent>,
-    std::sync::mpsc::Sender<Command>,
-    JoinHandle<()>,
-)> {
+) -> KafkaResult<(mpsc::Receiver<SourceEvent>, std::sync::mpsc::Sender<Command>, JoinHandle<()>)> {
     let (events_tx, events_rx) = mpsc::channel(settings.max_in_flight_records.max(16));
     let (commands_tx, commands_rx) = std::sync::mpsc::channel();
     let mut config = ClientConfig::new();
@@ -177,10 +151,7 @@ pub fn spawn(
         .set("fetch.max.bytes", "8388608")
         .set("max.partition.fetch.bytes", "1048576")
         .set("statistics.interval.ms", "1000")
-        .create_with_context(Context {
-            events: events_tx.clone(),
-            high_watermarks: Mutex::default(),
-        })?;
+        .create_with_context(Context { events: events_tx.clone(), high_watermarks: Mutex::default() })?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let handle = std::thread::Builder::new()
@@ -206,11 +177,7 @@ fn poll_loop(
         let over = in_flight.over(settings.max_in_flight_records, settings.max_in_flight_bytes);
         if over != paused {
             if let Ok(assignment) = consumer.assignment() {
-                let result = if over {
-                    consumer.pause(&assignment)
-                } else {
-                    consumer.resume(&assignment)
-                };
+                let result = if over { consumer.pause(&assignment) } else { consumer.resume(&assignment) };
                 match result {
                     Ok(()) => {
                         paused = over;
@@ -231,16 +198,8 @@ fn poll_loop(
             }
         };
         let high_watermark = {
-            let marks = consumer
-                .context()
-                .high_watermarks
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            marks
-                .get(&(message.topic().to_string(), message.partition()))
-                .copied()
-                .unwrap_or(-1)
-                .max(message.offset() + 1)
+            let marks = consumer.context().high_watermarks.lock().unwrap_or_else(|e| e.into_inner());
+            marks.get(&(message.topic().to_string(), message.partition())).copied().unwrap_or(-1).max(message.offset() + 1)
         };
         let record = Record {
             topic: message.topic().to_string(),
@@ -251,11 +210,7 @@ fn poll_loop(
             timestamp_ms: message.timestamp().to_millis(),
             headers: message
                 .headers()
-                .map(|h| {
-                    h.iter()
-                        .map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec()))
-                        .collect()
-                })
+                .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
                 .unwrap_or_default(),
             high_watermark,
         };

@@ -26,10 +26,7 @@ pub struct Poison {
 
 impl Poison {
     fn new(class: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            class,
-            message: message.into(),
-        }
+        Self { class, message: message.into() }
     }
 }
 
@@ -44,13 +41,9 @@ pub fn decode(view: &FeatureView, value: Option<&[u8]>) -> Result<Vec<(Direction
     let Some(bytes) = value else {
         return Ok(Vec::new());
     };
-    let json: Value = serde_json::from_slice(bytes)
-        .map_err(|e| Poison::new(INVALID_JSON, format!("value is not JSON: {e}")))?;
+    let json: Value = serde_json::from_slice(bytes).map_err(|e| Poison::new(INVALID_JSON, format!("value is not JSON: {e}")))?;
     match view.source.format {
-        Format::Json => Ok(vec![(
-            Direction::Add,
-            event(view, object(&json, "value")?)?,
-        )]),
+        Format::Json => Ok(vec![(Direction::Add, event(view, object(&json, "value")?)?)]),
         Format::Debezium => debezium(view, &json),
     }
 }
@@ -65,13 +58,13 @@ fn debezium(view: &FeatureView, json: &Value) -> Result<Vec<(Direction, Event)>,
         return Ok(Vec::new());
     }
     let envelope = object(envelope, "envelope")?;
-    let op = envelope
-        .get("op")
-        .and_then(Value::as_str)
-        .ok_or_else(|| Poison::new(INVALID_ENVELOPE, "Debezium envelope has no \"op\""))?;
+    let op = envelope.get("op").and_then(Value::as_str).ok_or_else(|| Poison::new(INVALID_ENVELOPE, "Debezium envelope has no \"op\""))?;
     let image = |name: &str| -> Result<Event, Poison> {
         let row = envelope.get(name).filter(|v| !v.is_null()).ok_or_else(|| {
-            Poison::new(INVALID_ENVELOPE, format!("op {op:?} needs {name:?}, which is missing (for updates and deletes: REPLICA IDENTITY FULL?)"))
+            Poison::new(
+                INVALID_ENVELOPE,
+                format!("op {op:?} needs {name:?}, which is missing (for updates and deletes: REPLICA IDENTITY FULL?)"),
+            )
         })?;
         event(view, object(row, name)?)
     };
@@ -80,10 +73,7 @@ fn debezium(view: &FeatureView, json: &Value) -> Result<Vec<(Direction, Event)>,
         "u" => match view.source.on_update {
             UpdatePolicy::Ignore => Vec::new(),
             UpdatePolicy::Apply => vec![(Direction::Add, image("after")?)],
-            UpdatePolicy::Replace => vec![
-                (Direction::Retract, image("before")?),
-                (Direction::Add, image("after")?),
-            ],
+            UpdatePolicy::Replace => vec![(Direction::Retract, image("before")?), (Direction::Add, image("after")?)],
         },
         "d" => match view.source.on_delete {
             DeletePolicy::Ignore => Vec::new(),
@@ -91,53 +81,30 @@ fn debezium(view: &FeatureView, json: &Value) -> Result<Vec<(Direction, Event)>,
         },
         "t" | "m" => Vec::new(),
         other => {
-            return Err(Poison::new(
-                INVALID_ENVELOPE,
-                format!("unknown Debezium op {other:?}"),
-            ));
+            return Err(Poison::new(INVALID_ENVELOPE, format!("unknown Debezium op {other:?}")));
         }
     })
 }
 
 fn object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Value>, Poison> {
-    value
-        .as_object()
-        .ok_or_else(|| Poison::new(INVALID_ENVELOPE, format!("{what} is not a JSON object")))
+    value.as_object().ok_or_else(|| Poison::new(INVALID_ENVELOPE, format!("{what} is not a JSON object")))
 }
 
 /// Reads the fields `view` needs from one row image or plain event.
 fn event(view: &FeatureView, row: &Map<String, Value>) -> Result<Event, Poison> {
     let entity = match (row.get(&view.entity), view.entity_type) {
         (None | Some(Value::Null), _) => {
-            return Err(Poison::new(
-                MISSING_FIELD,
-                format!("entity key field {:?} is missing or null", view.entity),
-            ));
+            return Err(Poison::new(MISSING_FIELD, format!("entity key field {:?} is missing or null", view.entity)));
         }
-        (Some(v), KeyType::Int64) => v
-            .as_i64()
-            .map(|i| i.to_string())
-            .ok_or_else(|| wrong(&view.entity, "an int64 entity key", v))?,
+        (Some(v), KeyType::Int64) => v.as_i64().map(|i| i.to_string()).ok_or_else(|| wrong(&view.entity, "an int64 entity key", v))?,
         (Some(Value::String(s)), KeyType::String) => s.clone(),
         (Some(v), KeyType::String) => return Err(wrong(&view.entity, "a string entity key", v)),
     };
     let at_ms = match row.get(&view.source.event_time) {
         None | Some(Value::Null) => {
-            return Err(Poison::new(
-                MISSING_FIELD,
-                format!(
-                    "event time field {:?} is missing or null",
-                    view.source.event_time
-                ),
-            ));
+            return Err(Poison::new(MISSING_FIELD, format!("event time field {:?} is missing or null", view.source.event_time)));
         }
-        Some(v) => time(v).ok_or_else(|| {
-            wrong(
-                &view.source.event_time,
-                "an RFC 3339 time or epoch milliseconds",
-                v,
-            )
-        })?,
+        Some(v) => time(v).ok_or_else(|| wrong(&view.source.event_time, "an RFC 3339 time or epoch milliseconds", v))?,
     };
     let mut fields = BTreeMap::new();
     for feature in &view.features {
@@ -146,11 +113,7 @@ fn event(view: &FeatureView, row: &Map<String, Value>) -> Result<Event, Poison> 
             fields.insert(name.clone(), scalar(name, feature.field_type, v)?);
         }
     }
-    Ok(Event {
-        entity,
-        at_ms,
-        fields,
-    })
+    Ok(Event { entity, at_ms, fields })
 }
 
 fn scalar(name: &str, expected: ValueType, v: &Value) -> Result<Scalar, Poison> {
@@ -158,11 +121,7 @@ fn scalar(name: &str, expected: ValueType, v: &Value) -> Result<Scalar, Poison> 
         (_, Value::Null) => Some(Scalar::Null),
         (ValueType::Int64, v) => v.as_i64().map(Scalar::Int),
         // Debezium sends NUMERIC as a string with decimal.handling.mode=string.
-        (ValueType::Double, Value::String(s)) => s
-            .parse::<f64>()
-            .ok()
-            .filter(|d| d.is_finite())
-            .map(Scalar::Double),
+        (ValueType::Double, Value::String(s)) => s.parse::<f64>().ok().filter(|d| d.is_finite()).map(Scalar::Double),
         (ValueType::Double, v) => v.as_f64().map(Scalar::Double),
         (ValueType::String, Value::String(s)) => Some(Scalar::Str(s.clone())),
         (ValueType::Bool, Value::Bool(b)) => Some(Scalar::Bool(*b)),
@@ -181,9 +140,7 @@ fn scalar(name: &str, expected: ValueType, v: &Value) -> Result<Scalar, Poison> 
 
 fn time(v: &Value) -> Option<i64> {
     match v {
-        Value::String(s) => DateTime::parse_from_rfc3339(s)
-            .ok()
-            .map(|t| t.timestamp_millis()),
+        Value::String(s) => DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis()),
         Value::Number(n) => n.as_i64(),
         _ => None,
     }
@@ -192,10 +149,7 @@ fn time(v: &Value) -> Option<i64> {
 fn wrong(field: &str, expected: &str, got: &Value) -> Poison {
     let mut shown = got.to_string();
     shown.truncate(80);
-    Poison::new(
-        WRONG_TYPE,
-        format!("field {field:?}: expected {expected}, got {shown}"),
-    )
+    Poison::new(WRONG_TYPE, format!("field {field:?}: expected {expected}, got {shown}"))
 }
 
 #[cfg(test)]
@@ -204,11 +158,7 @@ mod tests {
     use freshet_store::view::Catalog;
 
     fn views() -> Catalog {
-        Catalog::load(std::path::Path::new(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../deploy/views/reference.toml"
-        )))
-        .unwrap()
+        Catalog::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/views/reference.toml"))).unwrap()
     }
 
     fn decode_str(view: &str, text: &str) -> Result<Vec<(Direction, Event)>, Poison> {
@@ -216,7 +166,8 @@ mod tests {
         decode(c.view(view).unwrap(), Some(text.as_bytes()))
     }
 
-    const ROW: &str = r#"{"event_id": 9, "user_id": 42, "event_type": "click", "occurred_at": "2026-11-25T10:00:00.250Z", "new_column": [1,2]}"#;
+    const ROW: &str =
+        r#"{"event_id": 9, "user_id": 42, "event_type": "click", "occurred_at": "2026-11-25T10:00:00.250Z", "new_column": [1,2]}"#;
 
     #[test]
     fn debezium_create_with_and_without_schema_wrapper() {
@@ -237,40 +188,20 @@ mod tests {
     #[test]
     fn policies_for_updates_deletes_and_tombstones() {
         let update = format!(r#"{{"before": {ROW}, "after": {ROW}, "op": "u"}}"#);
-        assert!(
-            decode_str("user_activity", &update).unwrap().is_empty(),
-            "user_activity ignores updates"
-        );
+        assert!(decode_str("user_activity", &update).unwrap().is_empty(), "user_activity ignores updates");
         let delete = format!(r#"{{"before": {ROW}, "after": null, "op": "d"}}"#);
         let changes = decode_str("user_activity", &delete).unwrap();
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].0, Direction::Retract);
         assert!(
-            decode_str(
-                "orders",
-                r#"{"before": {"user_id": 1}, "after": null, "op": "d"}"#
-            )
-            .unwrap()
-            .is_empty(),
+            decode_str("orders", r#"{"before": {"user_id": 1}, "after": null, "op": "d"}"#).unwrap().is_empty(),
             "orders ignores deletes"
         );
         let c = views();
-        assert!(
-            decode(c.view("user_activity").unwrap(), None)
-                .unwrap()
-                .is_empty(),
-            "tombstone"
-        );
-        assert!(
-            decode_str("user_activity", r#"{"schema": null, "payload": null}"#)
-                .unwrap()
-                .is_empty()
-        );
+        assert!(decode(c.view("user_activity").unwrap(), None).unwrap().is_empty(), "tombstone");
+        assert!(decode_str("user_activity", r#"{"schema": null, "payload": null}"#).unwrap().is_empty());
         let no_before = r#"{"before": null, "after": null, "op": "d"}"#;
-        assert_eq!(
-            decode_str("user_activity", no_before).unwrap_err().class,
-            INVALID_ENVELOPE
-        );
+        assert_eq!(decode_str("user_activity", no_before).unwrap_err().class, INVALID_ENVELOPE);
     }
 
     #[test]
@@ -285,61 +216,26 @@ mod tests {
         assert_eq!(e.fields["items"], Scalar::Int(3));
         assert_eq!(e.fields["express"], Scalar::Bool(true));
         assert_eq!(e.at_ms, 1_700_000_000_000);
-        assert_eq!(
-            decode_str("orders", &order("\"99.95\"")).unwrap()[0]
-                .1
-                .fields["amount"],
-            Scalar::Double(99.95)
-        );
-        assert_eq!(
-            decode_str("orders", &order("null")).unwrap()[0].1.fields["amount"],
-            Scalar::Null
-        );
+        assert_eq!(decode_str("orders", &order("\"99.95\"")).unwrap()[0].1.fields["amount"], Scalar::Double(99.95));
+        assert_eq!(decode_str("orders", &order("null")).unwrap()[0].1.fields["amount"], Scalar::Null);
     }
 
     #[test]
     fn poison_says_what_is_wrong() {
         let e = decode_str("user_activity", "{not json").unwrap_err();
         assert_eq!(e.class, INVALID_JSON);
-        let e = decode_str(
-            "user_activity",
-            r#"{"after": {"occurred_at": "2026-11-25T10:00:00Z"}, "op": "c"}"#,
-        )
-        .unwrap_err();
+        let e = decode_str("user_activity", r#"{"after": {"occurred_at": "2026-11-25T10:00:00Z"}, "op": "c"}"#).unwrap_err();
         assert_eq!(e.class, MISSING_FIELD);
         assert!(e.message.contains("user_id"));
         let e = decode_str("user_activity", r#"{"after": {"user_id": 1}, "op": "c"}"#).unwrap_err();
         assert!(e.message.contains("occurred_at"));
-        let e = decode_str(
-            "user_activity",
-            r#"{"after": {"user_id": "x", "occurred_at": 1}, "op": "c"}"#,
-        )
-        .unwrap_err();
+        let e = decode_str("user_activity", r#"{"after": {"user_id": "x", "occurred_at": 1}, "op": "c"}"#).unwrap_err();
         assert_eq!(e.class, WRONG_TYPE);
-        let e = decode_str(
-            "orders",
-            r#"{"after": {"user_id": 1, "ordered_at": 1, "amount": "lots"}, "op": "c"}"#,
-        )
-        .unwrap_err();
-        assert!(
-            e.message.contains("amount") && e.message.contains("double"),
-            "{e}"
-        );
-        let e = decode_str(
-            "user_activity",
-            r#"{"after": {"user_id": 1, "occurred_at": "yesterday"}, "op": "c"}"#,
-        )
-        .unwrap_err();
+        let e = decode_str("orders", r#"{"after": {"user_id": 1, "ordered_at": 1, "amount": "lots"}, "op": "c"}"#).unwrap_err();
+        assert!(e.message.contains("amount") && e.message.contains("double"), "{e}");
+        let e = decode_str("user_activity", r#"{"after": {"user_id": 1, "occurred_at": "yesterday"}, "op": "c"}"#).unwrap_err();
         assert_eq!(e.class, WRONG_TYPE);
-        assert_eq!(
-            decode_str("user_activity", r#"{"op": "x"}"#)
-                .unwrap_err()
-                .class,
-            INVALID_ENVELOPE
-        );
-        assert_eq!(
-            decode_str("user_activity", r#"[1]"#).unwrap_err().class,
-            INVALID_ENVELOPE
-        );
+        assert_eq!(decode_str("user_activity", r#"{"op": "x"}"#).unwrap_err().class, INVALID_ENVELOPE);
+        assert_eq!(decode_str("user_activity", r#"[1]"#).unwrap_err().class, INVALID_ENVELOPE);
     }
 }

@@ -27,10 +27,7 @@ impl DeadlineLayer {
 impl<S> Layer<S> for DeadlineLayer {
     type Service = Deadline<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Deadline {
-            inner,
-            default: self.default,
-        }
+        Deadline { inner, default: self.default }
     }
 }
 
@@ -65,10 +62,7 @@ where
         Box::pin(async move {
             match tokio::time::timeout(budget, call).await {
                 Ok(result) => result,
-                Err(_) => Ok(
-                    Status::deadline_exceeded(format!("deadline of {budget:?} exceeded"))
-                        .into_http(),
-                ),
+                Err(_) => Ok(Status::deadline_exceeded(format!("deadline of {budget:?} exceeded")).into_http()),
             }
         })
     }

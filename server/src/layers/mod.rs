@@ -21,13 +21,10 @@ pub struct Limits {
     pub default_deadline: Duration,
 }
 
-pub type Layers =
-    Stack<shed::ShedLayer, Stack<deadline::DeadlineLayer, tower::layer::util::Identity>>;
+pub type Layers = Stack<shed::ShedLayer, Stack<deadline::DeadlineLayer, tower::layer::util::Identity>>;
 
 pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
-    ServiceBuilder::new()
-        .layer(deadline::DeadlineLayer::new(limits.default_deadline))
-        .layer(shed::ShedLayer::new(limits.max_in_flight))
+    ServiceBuilder::new().layer(deadline::DeadlineLayer::new(limits.default_deadline)).layer(shed::ShedLayer::new(limits.max_in_flight))
 }
 
 /// Paths that bypass admission control.

@@ -25,21 +25,14 @@ pub struct ShedLayer {
 
 impl ShedLayer {
     pub fn new(max_in_flight: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(max_in_flight)),
-            shed: Arc::default(),
-        }
+        Self { permits: Arc::new(Semaphore::new(max_in_flight)), shed: Arc::default() }
     }
 }
 
 impl<S> Layer<S> for ShedLayer {
     type Service = Shed<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Shed {
-            inner,
-            permits: self.permits.clone(),
-            shed: self.shed.clone(),
-        }
+        Shed { inner, permits: self.permits.clone(), shed: self.shed.clone() }
     }
 }
 
@@ -71,10 +64,7 @@ where
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.shed.fetch_add(1, Ordering::Relaxed);
             return Box::pin(async {
-                Ok(Status::resource_exhausted(
-                    "server is at its concurrency limit; retry with backoff",
-                )
-                .into_http())
+                Ok(Status::resource_exhausted("server is at its concurrency limit; retry with backoff").into_http())
             });
         };
         let call = self.inner.call(request);

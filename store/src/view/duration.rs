@@ -6,13 +6,9 @@ use std::time::Duration;
 /// Parses "10s"-style durations; the error says what was expected.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m, h or d)"))?;
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| format!("duration {text:?} has no unit (use ms, s, m, h or d)"))?;
     let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("duration {text:?} must start with a whole number"))?;
+    let n: u64 = number.parse().map_err(|_| format!("duration {text:?} must start with a whole number"))?;
     let millis = match unit {
         "ms" => 1,
         "s" => 1_000,
@@ -20,26 +16,17 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         "h" => 3_600_000,
         "d" => 86_400_000,
         _ => {
-            return Err(format!(
-                "duration {text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
-            ));
+            return Err(format!("duration {text:?} has unknown unit {unit:?} (use ms, s, m, h or d)"));
         }
     };
-    let millis = n
-        .checked_mul(millis)
-        .ok_or_else(|| format!("duration {text:?} is too large"))?;
+    let millis = n.checked_mul(millis).ok_or_else(|| format!("duration {text:?} is too large"))?;
     Ok(Duration::from_millis(millis))
 }
 
 /// Formats a duration the way `parse` reads it, with the largest exact unit.
 pub fn format(d: Duration) -> String {
     let ms = d.as_millis() as u64;
-    for (unit, size) in [
-        ("d", 86_400_000),
-        ("h", 3_600_000),
-        ("m", 60_000),
-        ("s", 1_000),
-    ] {
+    for (unit, size) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
         if ms >= size && ms % size == 0 {
             return format!("{}{unit}", ms / size);
         }

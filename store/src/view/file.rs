@@ -11,10 +11,7 @@ use std::{collections::HashSet, fmt, ops::Range, path::Path, time::Duration};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use super::{
-    Aggregation, Catalog, DeletePolicy, Feature, FeatureView, Format, KeyType, Source,
-    UpdatePolicy, ValueType, duration,
-};
+use super::{Aggregation, Catalog, DeletePolicy, Feature, FeatureView, Format, KeyType, Source, UpdatePolicy, ValueType, duration};
 
 /// A feature-view file that cannot be used, with where and why.
 #[derive(Debug, Clone, PartialEq)]
@@ -144,9 +141,7 @@ struct Dur(Duration);
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        duration::parse(&text)
-            .map(Dur)
-            .map_err(serde::de::Error::custom)
+        duration::parse(&text).map(Dur).map_err(serde::de::Error::custom)
     }
 }
 
@@ -169,8 +164,7 @@ impl Catalog {
             line: span.map(|s| line_of(text, s.start)),
             message,
         };
-        let raw: RawFile =
-            toml::from_str(text).map_err(|e| error(e.span(), e.message().to_string()))?;
+        let raw: RawFile = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_string()))?;
         if raw.view.is_empty() {
             return Err(error(None, "no [[view]] is declared".into()));
         }
@@ -179,14 +173,9 @@ impl Catalog {
         for raw_view in raw.view {
             let view_span = raw_view.span();
             let raw_view = raw_view.into_inner();
-            let view = convert_view(raw_view).map_err(|(span, message)| {
-                error(Some(span.unwrap_or(view_span.clone())), message)
-            })?;
+            let view = convert_view(raw_view).map_err(|(span, message)| error(Some(span.unwrap_or(view_span.clone())), message))?;
             if !names.insert(view.name.clone()) {
-                return Err(error(
-                    Some(view_span),
-                    format!("view {:?} is declared twice", view.name),
-                ));
+                return Err(error(Some(view_span), format!("view {:?} is declared twice", view.name)));
             }
             views.push(view);
         }
@@ -205,14 +194,10 @@ fn convert_view(raw: RawView) -> Result<FeatureView, Invalid> {
         return Err(at_view("source.topics must name at least one topic".into()));
     }
     if raw.entity.is_empty() || raw.source.event_time.is_empty() {
-        return Err(at_view(
-            "entity and source.event_time must name source fields".into(),
-        ));
+        return Err(at_view("entity and source.event_time must name source fields".into()));
     }
     if raw.freshness_budget.0.is_zero() || raw.max_age.0.is_zero() {
-        return Err(at_view(
-            "max_age and freshness_budget must be greater than zero".into(),
-        ));
+        return Err(at_view("max_age and freshness_budget must be greater than zero".into()));
     }
     let on_delete = match raw.source.on_delete.as_ref().map(|s| *s.get_ref()) {
         Some(RawDelete::Retract) => DeletePolicy::Retract,
@@ -230,8 +215,7 @@ fn convert_view(raw: RawView) -> Result<FeatureView, Invalid> {
     let mut feature_names = HashSet::new();
     for raw_feature in raw.feature {
         let span = raw_feature.get_ref().name.span();
-        let feature = convert_feature(raw_feature.into_inner())
-            .map_err(|m| (Some(span.clone()), format!("view {name:?}: {m}")))?;
+        let feature = convert_feature(raw_feature.into_inner()).map_err(|m| (Some(span.clone()), format!("view {name:?}: {m}")))?;
         let retracts = on_delete == DeletePolicy::Retract || on_update == UpdatePolicy::Replace;
         if retracts && matches!(feature.aggregation, Aggregation::Min | Aggregation::Max) {
             return Err((
@@ -244,13 +228,7 @@ fn convert_view(raw: RawView) -> Result<FeatureView, Invalid> {
             ));
         }
         if !feature_names.insert(feature.name.clone()) {
-            return Err((
-                Some(span),
-                format!(
-                    "view {name:?}: feature {:?} is declared twice",
-                    feature.name
-                ),
-            ));
+            return Err((Some(span), format!("view {name:?}: feature {:?} is declared twice", feature.name)));
         }
         features.push(feature);
     }
@@ -308,16 +286,11 @@ fn convert_feature(raw: RawFeature) -> Result<Feature, String> {
         (Aggregation::Count, Some(_), _) => {
             return Err(at("`count` counts events and takes no `field`"));
         }
-        (Aggregation::Count, None, None)
-        | (Aggregation::Sum | Aggregation::Min | Aggregation::Max | Aggregation::Avg, _, None) => {
-            return Err(at(
-                "a windowed aggregation needs a `window`, such as \"10s\" or \"1h\"",
-            ));
+        (Aggregation::Count, None, None) | (Aggregation::Sum | Aggregation::Min | Aggregation::Max | Aggregation::Avg, _, None) => {
+            return Err(at("a windowed aggregation needs a `window`, such as \"10s\" or \"1h\""));
         }
         (Aggregation::Sum | Aggregation::Min | Aggregation::Max | Aggregation::Avg, None, _) => {
-            return Err(at(
-                "this aggregation needs the numeric `field` it aggregates",
-            ));
+            return Err(at("this aggregation needs the numeric `field` it aggregates"));
         }
         _ => {}
     }
@@ -326,39 +299,23 @@ fn convert_feature(raw: RawFeature) -> Result<Feature, String> {
     }
     let field_type = match aggregation {
         Aggregation::Count => ValueType::Int64,
-        Aggregation::Last => {
-            field_type.ok_or_else(|| at("a `last` feature needs the `type` of its field"))?
-        }
+        Aggregation::Last => field_type.ok_or_else(|| at("a `last` feature needs the `type` of its field"))?,
         _ => match field_type {
             Some(t @ (ValueType::Int64 | ValueType::Double)) => t,
             Some(_) => {
-                return Err(at(
-                    "sum, min, max and avg need a numeric `type` (int64 or double)",
-                ));
+                return Err(at("sum, min, max and avg need a numeric `type` (int64 or double)"));
             }
             None => return Err(at("needs the `type` of its field (int64 or double)")),
         },
     };
-    Ok(Feature {
-        name,
-        description: raw.description,
-        aggregation,
-        field: raw.field,
-        field_type,
-        window,
-    })
+    Ok(Feature { name, description: raw.description, aggregation, field: raw.field, field_type, window })
 }
 
 /// Names end up in references ("view:feature") and metric labels.
 fn check_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit());
-    if ok {
-        Ok(())
-    } else {
-        Err("must be letters, digits and '_', not starting with a digit".into())
-    }
+    let ok =
+        !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !name.starts_with(|c: char| c.is_ascii_digit());
+    if ok { Ok(()) } else { Err("must be letters, digits and '_', not starting with a digit".into()) }
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
@@ -409,15 +366,9 @@ type = "string"
         assert_eq!(view.source.on_delete, DeletePolicy::Retract);
         assert_eq!(view.source.on_update, UpdatePolicy::Ignore);
         assert_eq!(view.features[0].window, Some(Duration::from_secs(10)));
-        assert_eq!(
-            view.feature("last_event_type").unwrap().value_type(),
-            ValueType::String
-        );
+        assert_eq!(view.feature("last_event_type").unwrap().value_type(), ValueType::String);
         assert_eq!(catalog.topics(), vec!["app.public.user_events".to_string()]);
-        assert_eq!(
-            view.dlq_topic("app.public.user_events"),
-            "app.public.user_events.dlq"
-        );
+        assert_eq!(view.dlq_topic("app.public.user_events"), "app.public.user_events.dlq");
     }
 
     #[test]
@@ -451,16 +402,10 @@ type = "string"
     #[test]
     fn cross_field_rules_name_the_feature() {
         let e = error_of(&GOOD.replace("aggregation = \"count\"", "aggregation = \"sum\""));
-        assert!(
-            e.message.contains("events_10s") && e.message.contains("field"),
-            "{e}"
-        );
+        assert!(e.message.contains("events_10s") && e.message.contains("field"), "{e}");
         assert_eq!(e.line, Some(17), "{e}");
 
-        let e = error_of(&GOOD.replace(
-            "aggregation = \"count\"",
-            "aggregation = \"min\"\nfield = \"x\"\ntype = \"double\"",
-        ));
+        let e = error_of(&GOOD.replace("aggregation = \"count\"", "aggregation = \"min\"\nfield = \"x\"\ntype = \"double\""));
         assert!(e.message.contains("cannot be retracted"), "{e}");
 
         let e = error_of(&GOOD.replace("window = \"10s\"", ""));
@@ -469,10 +414,7 @@ type = "string"
 
     #[test]
     fn duplicate_names_are_refused() {
-        let twice = format!(
-            "{GOOD}\n{}",
-            &GOOD[GOOD.find("[[view.feature]]").unwrap()..]
-        );
+        let twice = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[view.feature]]").unwrap()..]);
         assert!(error_of(&twice).message.contains("declared twice"));
     }
 }

@@ -124,24 +124,15 @@ impl Catalog {
 
     /// Every topic any view reads, once.
     pub fn topics(&self) -> Vec<String> {
-        let mut topics: Vec<String> = self
-            .views
-            .iter()
-            .flat_map(|v| v.source.topics.clone())
-            .collect();
+        let mut topics: Vec<String> = self.views.iter().flat_map(|v| v.source.topics.clone()).collect();
         topics.sort();
         topics.dedup();
         topics
     }
 
     /// The views computed from `topic`.
-    pub fn views_of_topic<'a>(
-        &'a self,
-        topic: &'a str,
-    ) -> impl Iterator<Item = &'a FeatureView> + 'a {
-        self.views
-            .iter()
-            .filter(move |v| v.source.topics.iter().any(|t| t == topic))
+    pub fn views_of_topic<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a FeatureView> + 'a {
+        self.views.iter().filter(move |v| v.source.topics.iter().any(|t| t == topic))
     }
 }
 
@@ -151,10 +142,7 @@ impl FeatureView {
     }
 
     pub fn dlq_topic(&self, topic: &str) -> String {
-        self.source
-            .dlq_topic
-            .clone()
-            .unwrap_or_else(|| format!("{topic}.dlq"))
+        self.source.dlq_topic.clone().unwrap_or_else(|| format!("{topic}.dlq"))
     }
 }
 

@@ -1,0 +1,182 @@
+//! The Redis cache in front of Postgres: read-through, invalidated by ingest
+//! commits.
+//!
+//! Each (view, entity) state is cached under `{prefix}:s:{view}:{entity}`
+//! (a `-` marks an entity the view does not know), next to a generation
+//! counter `{prefix}:g:{view}:{entity}`. Ingest's commit transaction sends a
+//! Postgres NOTIFY naming the rows it changed; notifications are delivered
+//! only after the commit, and the server's listener then bumps each row's
+//! generation and deletes its entry.
+//!
+//! A miss reads Postgres and fills the cache only if the generation is still
+//! the one seen before the read (checked and set atomically in Redis), so a
+//! fill racing a commit cannot put back what the commit replaced. If the
+//! listener misses notifications (its connection dropped), entries expire
+//! after `ttl`: that is the staleness bound in the worst case; in the normal
+//! case a commit is visible as soon as its notification is handled.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use freshet_store::{entities, entities::RowKey, state::EntityState};
+use redis::aio::ConnectionManager;
+
+/// What the cache said about one row.
+pub enum Lookup {
+    /// Cached: the state, or `None` for an entity the view does not know.
+    Hit(Option<EntityState>),
+    /// Not cached; fill it with this generation.
+    Miss(String),
+}
+
+#[derive(Clone)]
+pub struct Cache {
+    redis: ConnectionManager,
+    prefix: Arc<str>,
+    ttl: Duration,
+    /// Set while Redis is failing: reads go straight to Postgres.
+    pub degraded: Arc<AtomicBool>,
+}
+
+/// Sets the entry only if the generation is unchanged since the read.
+const FILL: &str =
+    "if (redis.call('GET', KEYS[2]) or '') == ARGV[2] then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end return 0";
+const ABSENT: &str = "-";
+
+impl Cache {
+    pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> redis::RedisResult<Cache> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            // A slow cache is worse than none: give up quickly and use Postgres.
+            .set_response_timeout(Some(Duration::from_millis(50)))
+            .set_connection_timeout(Some(Duration::from_millis(200)))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let redis = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Cache { redis, prefix: prefix.into(), ttl, degraded: Arc::default() })
+    }
+
+    fn state_key(&self, (view, entity): &RowKey) -> String {
+        format!("{}:s:{view}:{entity}", self.prefix)
+    }
+
+    fn generation_key(&self, (view, entity): &RowKey) -> String {
+        format!("{}:g:{view}:{entity}", self.prefix)
+    }
+
+    /// Looks `rows` up in one round trip.
+    pub async fn get(&self, rows: &[RowKey]) -> redis::RedisResult<Vec<Lookup>> {
+        let mut pipe = redis::pipe();
+        for row in rows {
+            pipe.get(self.state_key(row)).get(self.generation_key(row));
+        }
+        let values: Vec<Option<String>> = self.observe(pipe.query_async(&mut self.redis.clone()).await)?;
+        Ok(values
+            .chunks(2)
+            .map(|pair| match &pair[0] {
+                Some(text) if text == ABSENT => Lookup::Hit(None),
+                Some(text) => match serde_json::from_str(text) {
+                    Ok(state) => Lookup::Hit(Some(state)),
+                    Err(_) => Lookup::Miss(pair[1].clone().unwrap_or_default()),
+                },
+                None => Lookup::Miss(pair[1].clone().unwrap_or_default()),
+            })
+            .collect())
+    }
+
+    /// Fills missed rows (state or absence) in the background: the caller
+    /// already has its answer.
+    pub fn fill(&self, rows: Vec<(RowKey, String, Option<String>)>) {
+        if rows.is_empty() {
+            return;
+        }
+        let cache = self.clone();
+        tokio::spawn(async move {
+            let mut pipe = redis::pipe();
+            let ttl = cache.ttl.as_millis() as u64;
+            for (row, generation, state) in &rows {
+                pipe.cmd("EVAL")
+                    .arg(FILL)
+                    .arg(2)
+                    .arg(cache.state_key(row))
+                    .arg(cache.generation_key(row))
+                    .arg(state.as_deref().unwrap_or(ABSENT))
+                    .arg(generation)
+                    .arg(ttl)
+                    .ignore();
+            }
+            let result: redis::RedisResult<()> = pipe.query_async(&mut cache.redis.clone()).await;
+            let _ = cache.observe(result);
+        });
+    }
+
+    /// Invalidates rows a commit changed: new generation, entry gone.
+    pub async fn invalidate(&self, rows: &[RowKey]) -> redis::RedisResult<()> {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for row in rows {
+            let generation = self.generation_key(row);
+            pipe.incr(&generation, 1).ignore().pexpire(&generation, 3_600_000).ignore().del(self.state_key(row)).ignore();
+        }
+        let result = pipe.query_async(&mut self.redis.clone()).await;
+        self.observe(result)
+    }
+
+    pub async fn ping(&self) -> bool {
+        let result: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut self.redis.clone()).await;
+        self.observe(result).is_ok()
+    }
+
+    fn observe<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        let failed = result.is_err();
+        if self.degraded.swap(failed, Ordering::Relaxed) != failed {
+            match &result {
+                Err(e) => tracing::warn!(error = %e, "Redis failing: serving from Postgres (degraded)"),
+                Ok(_) => tracing::info!("Redis is back: cache in use"),
+            }
+        }
+        result
+    }
+}
+
+/// Follows ingest's commit notifications and invalidates what they name.
+pub async fn follow_commits(cache: Cache, pool: sqlx::PgPool) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for commits; cache entries expire by TTL meanwhile");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if let Err(e) = listener.listen(entities::CHANGES_CHANNEL).await {
+            tracing::warn!(error = %e, "LISTEN failed");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(notification)) => {
+                    let rows = entities::parse_changes(notification.payload());
+                    if let Err(e) = cache.invalidate(&rows).await {
+                        tracing::warn!(error = %e, rows = rows.len(), "invalidation failed; entries expire by TTL");
+                    }
+                }
+                Ok(None) => {
+                    tracing::warn!("commit notifications interrupted; reconnecting (entries expire by TTL meanwhile)");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "commit notifications failed; reconnecting");
+                    break;
+                }
+            }
+        }
+    }
+}
