@@ -83,6 +83,15 @@ struct ServeArgs {
     /// Longest a cache entry may outlive a missed invalidation, in ms.
     #[arg(long, env = "FRESHET_CACHE_TTL_MS", default_value_t = 5000)]
     cache_ttl_ms: u64,
+    /// File of accepted bearer tokens, one per line; without it, no auth.
+    #[arg(long, env = "FRESHET_TOKENS_FILE")]
+    tokens_file: Option<PathBuf>,
+    /// PEM certificate (chain) to serve TLS with; needs --tls-key.
+    #[arg(long, env = "FRESHET_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FRESHET_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Postgres connections.
     #[arg(long, env = "FRESHET_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
@@ -145,7 +154,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         group: args.group,
         max_entities: args.max_entities,
     };
-    let limits = layers::Limits { max_in_flight: args.max_in_flight, default_deadline: Duration::from_millis(args.default_deadline_ms) };
+    let limits = layers::Limits {
+        max_in_flight: args.max_in_flight,
+        default_deadline: Duration::from_millis(args.default_deadline_ms),
+        tokens: match &args.tokens_file {
+            Some(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read tokens file {}", path.display()))?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+                .collect(),
+            None => Vec::new(),
+        },
+    };
+    let mut builder = tonic::transport::Server::builder();
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let identity = tonic::transport::Identity::from_pem(
+            std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
+            std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
+        );
+        builder = builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
@@ -153,7 +183,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("freshet-server listening on {address}");
     tracing::info!(%address, "serving");
 
-    tonic::transport::Server::builder()
+    builder
         .layer(layers::compose(&limits))
         .add_service(health_service)
         .add_service(reflection_v1)

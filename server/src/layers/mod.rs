@@ -3,28 +3,39 @@
 //!
 //! 1. [`deadline`]: the caller's `grpc-timeout` (or the server default) bounds
 //!    the call; expiry answers `DEADLINE_EXCEEDED`.
-//! 2. [`shed`]: at most N calls in flight; the next is refused at once with
+//! 2. [`auth`]: when tokens are configured, a call without a valid bearer
+//!    token is refused `UNAUTHENTICATED` before it takes a slot.
+//! 3. [`shed`]: at most N calls in flight; the next is refused at once with
 //!    `RESOURCE_EXHAUSTED` rather than queued (a fast "no" beats a slow "yes").
 //!
-//! Health checks pass through the shedding so an overloaded server is not
-//! also declared dead by its orchestrator.
+//! Health checks pass through auth and shedding, so probes need no secret and
+//! an overloaded server is not also declared dead by its orchestrator.
 
+pub mod auth;
 pub mod deadline;
 pub mod shed;
 
 use std::time::Duration;
 
-use tower::{ServiceBuilder, layer::util::Stack};
+use tower::{
+    ServiceBuilder,
+    layer::util::{Identity, Stack},
+};
 
 pub struct Limits {
     pub max_in_flight: usize,
     pub default_deadline: Duration,
+    /// Accepted bearer tokens; empty turns authentication off.
+    pub tokens: Vec<String>,
 }
 
-pub type Layers = Stack<shed::ShedLayer, Stack<deadline::DeadlineLayer, tower::layer::util::Identity>>;
+pub type Layers = Stack<shed::ShedLayer, Stack<auth::AuthLayer, Stack<deadline::DeadlineLayer, Identity>>>;
 
 pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
-    ServiceBuilder::new().layer(deadline::DeadlineLayer::new(limits.default_deadline)).layer(shed::ShedLayer::new(limits.max_in_flight))
+    ServiceBuilder::new()
+        .layer(deadline::DeadlineLayer::new(limits.default_deadline))
+        .layer(auth::AuthLayer::new(limits.tokens.clone()))
+        .layer(shed::ShedLayer::new(limits.max_in_flight))
 }
 
 /// Paths that bypass admission control.
