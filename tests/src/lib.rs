@@ -33,9 +33,13 @@ pub fn unique(prefix: &str) -> String {
 
 /// A fresh, migrated database of its own; returns its URL.
 pub async fn fresh_database() -> String {
-    let admin_url = env("FRESHET_DATABASE_URL");
+    fresh_database_at(&env("FRESHET_DATABASE_URL")).await
+}
+
+/// A fresh, migrated database on the server of `admin_url`.
+pub async fn fresh_database_at(admin_url: &str) -> String {
     let name = unique("t");
-    let admin = sqlx::PgPool::connect(&admin_url).await.expect("connect to Postgres");
+    let admin = sqlx::PgPool::connect(admin_url).await.expect("connect to Postgres");
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.expect("create database");
     admin.close().await;
     let url = match admin_url.rsplit_once('/') {

@@ -327,3 +327,141 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
         .unwrap();
     assert_eq!((dead, next), (4, records.len() as i64), "dead letters are committed with the offsets that skip them");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_partitions_through_restarts_and_kills() {
+    let topic = unique("rebalance");
+    create_topic(&topic, 4).await;
+    let url = fresh_database().await;
+    let group = unique("g");
+    let text = views(&topic);
+    let (_dir, path) = views_file(&text);
+
+    let acts = random_acts(20_000, 100, 11);
+    let producer = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || produce_transactions(&topic, acts, 100, 6, 12)
+    });
+    let mut a = ingest(&path, &url, &group, "a");
+    let mut b = ingest(&path, &url, &group, "b");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // B stops cleanly and comes back: partitions move to A and back.
+    assert!(b.terminate().success());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    b = ingest(&path, &url, &group, "b");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Both die at once, without warning, and restart.
+    a.kill();
+    b.kill();
+    let _a = ingest(&path, &url, &group, "a");
+    let _b = ingest(&path, &url, &group, "b");
+
+    let committed = producer.await.unwrap();
+    let expected = committed.len() as i64;
+    eventually(Duration::from_secs(120), || async { (applied(&url, &group).await >= expected).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("ingest did not apply {expected} records"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(applied(&url, &group).await, expected, "no record applied twice");
+    let users: Vec<i64> = (1..=100).collect();
+    assert_eq!(stored(&url, &text, &users).await, reference(&committed));
+    // Both instances took part: each partition was claimed more than once.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let owners: Vec<String> = sqlx::query_scalar("SELECT DISTINCT owner FROM ingest_offsets WHERE consumer_group = $1 AND owner_epoch > 1")
+        .bind(&group)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert!(!owners.is_empty());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_outage_pauses_ingest_which_then_resumes_exactly() {
+    use freshet_tests::{fresh_database_at, service_env, services, tempfile_dir};
+    // A Postgres of this test's own, to stop without disturbing others.
+    let pg = tempfile_dir::Dir::new();
+    let pg_dir = pg.path.to_str().unwrap().to_string();
+    services(&["start", "--only", "postgres", &pg_dir]);
+    let url = fresh_database_at(&service_env(&pg.path, "FRESHET_DATABASE_URL")).await;
+    let topic = unique("outage");
+    create_topic(&topic, 2).await;
+    let group = unique("g");
+    let text = views(&topic);
+    let (_dir, path) = views_file(&text);
+    let mut process = ingest(&path, &url, &group, "one");
+    let pid = process.child.id();
+
+    let acts = random_acts(30_000, 50, 21);
+    let producer = tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || produce_transactions(&topic, acts, 500, 8, 22)
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    services(&["pg-stop", &pg_dir]);
+    // While the sink is down ingest keeps running, keeps its memory bounded
+    // although records keep arriving, and commits nothing.
+    let mut peak = 0;
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(process.child.try_wait().unwrap().is_none(), "ingest must survive a Postgres outage");
+        peak = peak.max(rss_kib(pid));
+    }
+    assert!(peak > 0 && peak < 256 * 1024, "RSS {peak} KiB during the outage");
+    services(&["pg-start", &pg_dir]);
+
+    let committed = producer.await.unwrap();
+    let expected = committed.len() as i64;
+    eventually(Duration::from_secs(120), || async { (applied(&url, &group).await >= expected).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("ingest did not resume and apply {expected} records"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(applied(&url, &group).await, expected);
+    let users: Vec<i64> = (1..=50).collect();
+    assert_eq!(stored(&url, &text, &users).await, reference(&committed));
+    assert!(process.terminate().success());
+    services(&["stop", &pg_dir]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_later_than_the_allowed_lateness_are_counted_not_windowed() {
+    let topic = unique("late");
+    create_topic(&topic, 1).await;
+    let url = fresh_database().await;
+    let group = unique("g");
+    let text = views(&topic).replace("allowed_lateness = \"3650d\"", "allowed_lateness = \"1m\"");
+    let (_dir, path) = views_file(&text);
+    let _ingest = ingest(&path, &url, &group, "one");
+    let t0 = 1_700_000_000_000i64;
+    let acts = vec![
+        Act { user: 1, at_ms: t0, amount: 1 },
+        Act { user: 1, at_ms: t0 - 30_000, amount: 2 }, // late, within a minute: counted in windows
+        Act { user: 1, at_ms: t0 - 120_000, amount: 4 }, // too late: kept out of windows
+        Act { user: 1, at_ms: t0 + 1, amount: 8 },
+    ];
+    tokio::task::spawn_blocking({
+        let topic = topic.clone();
+        move || produce_transactions(&topic, acts, 10, u32::MAX, 1)
+    })
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= 4).then_some(()) }).await.expect("applied");
+    let state = stored(&url, &text, &[1]).await;
+    assert_eq!(state[&1], (3, 11, 8, 8), "the too-late event is not in count, sum or max; last is the newest");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let late: i64 = sqlx::query_scalar("SELECT records_late FROM ingest_offsets WHERE consumer_group = $1")
+        .bind(&group)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(late, 1);
+}
