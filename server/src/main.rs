@@ -10,6 +10,7 @@ mod layers;
 mod reader;
 mod request;
 mod service;
+mod watermarks;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -74,6 +75,10 @@ struct ServeArgs {
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "FRESHET_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
     max_request_bytes: usize,
+    /// Kafka brokers: GetFreshness then reports lag against the broker's
+    /// own high watermarks, not only those ingest last saw.
+    #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
     /// Redis URL of the cache; without it every read goes to Postgres.
     #[arg(long, env = "FRESHET_REDIS_URL")]
     redis_url: Option<String>,
@@ -147,7 +152,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    let watermarks = watermarks::Watermarks::default();
+    if let Some(brokers) = &args.kafka_brokers {
+        watermarks.follow(brokers, catalog.topics())?;
+    }
     let features = service::Features {
+        watermarks,
         catalog,
         reader: reader::Reader { pool: pool.clone(), cache },
         pool,
@@ -189,7 +199,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown())
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown())
         .await?;
     tracing::info!("stopped");
     Ok(())

@@ -28,6 +28,7 @@ pub struct Features {
     /// Ingest's consumer group, whose progress GetFreshness reports.
     pub group: String,
     pub max_entities: usize,
+    pub watermarks: crate::watermarks::Watermarks,
 }
 
 #[tonic::async_trait]
@@ -75,7 +76,12 @@ impl FeatureService for Features {
                 .collect::<Result<_, _>>()?
         };
         let topics = self.catalog.topics();
-        let statuses = offsets::status(&self.pool, &self.group, &topics).await.map_err(unavailable)?;
+        let mut statuses = offsets::status(&self.pool, &self.group, &topics).await.map_err(unavailable)?;
+        for p in &mut statuses {
+            if let Some(high) = self.watermarks.get(&p.topic, p.partition) {
+                p.high_watermark = p.high_watermark.max(high);
+            }
+        }
         let now_ms = now_ms();
         let views = views
             .into_iter()

@@ -433,6 +433,57 @@ async fn a_postgres_outage_pauses_ingest_which_then_resumes_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn freshness_reports_lag_against_the_broker_when_ingest_stops() {
+    use freshet_proto::v1::{FreshnessVerdict, GetFreshnessRequest, feature_service_client::FeatureServiceClient};
+    let topic = unique("fresh");
+    create_topic(&topic, 1).await;
+    let url = fresh_database().await;
+    let group = unique("g");
+    let text = views(&topic);
+    let (_dir, path) = views_file(&text);
+    let mut process = ingest(&path, &url, &group, "one");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let batch = |from: i64| (from..from + 10).map(|i| Act { user: 1, at_ms: now + i, amount: 1 }).collect::<Vec<_>>();
+    let produce = |acts: Vec<Act>| {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || produce_transactions(&topic, acts, 100, u32::MAX, 1))
+    };
+    produce(batch(0)).await.unwrap();
+    eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= 10).then_some(()) }).await.expect("applied");
+
+    let (_server, address) = freshet_tests::server(&path, &url, &["--group", &group, "--kafka-brokers", &brokers()]);
+    let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let freshness = |mut client: FeatureServiceClient<tonic::transport::Channel>| async move {
+        let r = client.get_freshness(GetFreshnessRequest { views: vec!["acts".into()] }).await.unwrap().into_inner();
+        let view = r.views[0].clone();
+        (view.verdict(), view.partitions[0].lag_records, view.partitions[0].committed_offset)
+    };
+    let (verdict, lag, committed) = freshness(client.clone()).await;
+    assert_eq!((verdict, committed), (FreshnessVerdict::Fresh, 10), "caught up (lag {lag}: the commit marker)");
+
+    // Ingest stops; the source moves on. The server sees it from the broker.
+    process.kill();
+    produce(batch(10)).await.unwrap();
+    let (verdict, lag) = eventually(Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            let (verdict, lag, _) = freshness(client).await;
+            (lag >= 10).then_some((verdict, lag))
+        }
+    })
+    .await
+    .expect("lag seen from the broker's high watermark");
+    assert_ne!(verdict, FreshnessVerdict::Fresh, "lag {lag}");
+    // Past the budget (5 s) without a commit, ingest is stalled.
+    let stalled = eventually(Duration::from_secs(15), || {
+        let client = client.clone();
+        async move { (freshness(client).await.0 == FreshnessVerdict::Stalled).then_some(()) }
+    })
+    .await;
+    assert!(stalled.is_some(), "verdict should become STALLED");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn events_later_than_the_allowed_lateness_are_counted_not_windowed() {
     let topic = unique("late");
     create_topic(&topic, 1).await;
