@@ -66,10 +66,12 @@ pub async fn create_topic(name: &str, partitions: i32) {
 /// A built binary of the workspace (`cargo build --workspace --bins` ran first).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    // target/debug/deps/<test> -> target/debug/<name>
-    let path = exe.parent().unwrap().parent().unwrap().join(name);
-    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
-    path
+    // Tests run from target/<profile>/deps/, benchmarks from target/<profile>/.
+    let dir = exe.parent().unwrap();
+    [dir.join(name), dir.parent().unwrap().join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} is not built next to {}: run `cargo build --workspace --bins` first", exe.display()))
 }
 
 /// A child process killed (SIGKILL) when dropped.
@@ -112,9 +114,15 @@ impl Drop for Process {
 
 /// `freshet-ingest run` for `views`, into `database_url`, in `group`.
 pub fn ingest(views: &std::path::Path, database_url: &str, group: &str, instance: &str) -> Process {
+    ingest_with(views, database_url, group, instance, &[])
+}
+
+/// `ingest` with extra command-line arguments.
+pub fn ingest_with(views: &std::path::Path, database_url: &str, group: &str, instance: &str, extra: &[&str]) -> Process {
     Process::start(
         Command::new(binary("freshet-ingest"))
             .arg("run")
+            .args(extra)
             .env("FRESHET_VIEWS", views)
             .env("FRESHET_DATABASE_URL", database_url)
             .env("FRESHET_KAFKA_BROKERS", brokers())
@@ -199,6 +207,8 @@ pub fn server(views: &std::path::Path, database_url: &str, extra: &[&str]) -> (P
             break address.parse().unwrap();
         }
     };
+    // Keep draining its output so that logging never blocks or fails.
+    std::thread::spawn(move || lines.for_each(drop));
     (process, address)
 }
 
