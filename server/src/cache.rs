@@ -1,8 +1,8 @@
 //! The Redis cache in front of Postgres: read-through, invalidated by ingest
 //! commits.
 //!
-//! Each (view, entity) state is cached under `{prefix}:s:{view}:{entity}`
-//! (a `-` marks an entity the view does not know), next to a generation
+//! Each (view, entity) state is cached under `{prefix}:s:{view}:{entity}`,
+//! encoded as in Postgres (an empty value marks an entity the view does not know), next to a generation
 //! counter `{prefix}:g:{view}:{entity}`. Ingest's commit transaction sends a
 //! Postgres NOTIFY naming the rows it changed; notifications are delivered
 //! only after the commit, and the server's listener then bumps each row's
@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use freshet_store::{entities, entities::RowKey, state::EntityState};
+use freshet_store::{codec, entities, entities::RowKey, state::EntityState};
 use redis::aio::ConnectionManager;
 
 /// What the cache said about one row.
@@ -46,7 +46,6 @@ pub struct Cache {
 /// Sets the entry only if the generation is unchanged since the read.
 const FILL: &str =
     "if (redis.call('GET', KEYS[2]) or '') == ARGV[2] then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end return 0";
-const ABSENT: &str = "-";
 
 impl Cache {
     pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> redis::RedisResult<Cache> {
@@ -75,41 +74,41 @@ impl Cache {
         for row in rows {
             pipe.get(self.state_key(row)).get(self.generation_key(row));
         }
-        let values: Vec<Option<String>> = self.observe(pipe.query_async(&mut self.redis.clone()).await)?;
+        let values: Vec<(Option<Vec<u8>>, Option<String>)> = self.observe(pipe.query_async(&mut self.redis.clone()).await)?;
         Ok(values
-            .chunks(2)
-            .map(|pair| match &pair[0] {
-                Some(text) if text == ABSENT => Lookup::Hit(None),
-                Some(text) => match serde_json::from_str(text) {
+            .into_iter()
+            .map(|(state, generation)| match state {
+                Some(bytes) if bytes.is_empty() => Lookup::Hit(None),
+                Some(bytes) => match codec::decode(&bytes) {
                     Ok(state) => Lookup::Hit(Some(state)),
-                    Err(_) => Lookup::Miss(pair[1].clone().unwrap_or_default()),
+                    Err(_) => Lookup::Miss(generation.unwrap_or_default()),
                 },
-                None => Lookup::Miss(pair[1].clone().unwrap_or_default()),
+                None => Lookup::Miss(generation.unwrap_or_default()),
             })
             .collect())
     }
 
-    /// Fills missed rows (state or absence) in the background: the caller
-    /// already has its answer.
-    pub fn fill(&self, rows: Vec<(RowKey, String, Option<String>)>) {
+    /// Fills missed rows (state, or `None` for an unknown entity) in the
+    /// background: the caller already has its answer.
+    pub fn fill(&self, rows: Vec<(RowKey, String, Option<&EntityState>)>) {
         if rows.is_empty() {
             return;
         }
+        let mut pipe = redis::pipe();
+        let ttl = self.ttl.as_millis() as u64;
+        for (row, generation, state) in &rows {
+            pipe.cmd("EVAL")
+                .arg(FILL)
+                .arg(2)
+                .arg(self.state_key(row))
+                .arg(self.generation_key(row))
+                .arg(state.map(codec::encode).unwrap_or_default())
+                .arg(generation)
+                .arg(ttl)
+                .ignore();
+        }
         let cache = self.clone();
         tokio::spawn(async move {
-            let mut pipe = redis::pipe();
-            let ttl = cache.ttl.as_millis() as u64;
-            for (row, generation, state) in &rows {
-                pipe.cmd("EVAL")
-                    .arg(FILL)
-                    .arg(2)
-                    .arg(cache.state_key(row))
-                    .arg(cache.generation_key(row))
-                    .arg(state.as_deref().unwrap_or(ABSENT))
-                    .arg(generation)
-                    .arg(ttl)
-                    .ignore();
-            }
             let result: redis::RedisResult<()> = pipe.query_async(&mut cache.redis.clone()).await;
             let _ = cache.observe(result);
         });

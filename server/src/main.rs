@@ -82,9 +82,10 @@ struct ServeArgs {
     /// Redis URL of the cache; without it every read goes to Postgres.
     #[arg(long, env = "FRESHET_REDIS_URL")]
     redis_url: Option<String>,
-    /// Prefix of the cache's keys (several stores may share one Redis).
-    #[arg(long, env = "FRESHET_CACHE_PREFIX", default_value = "freshet")]
-    cache_prefix: String,
+    /// Prefix of the cache's keys; by default "freshet:<database name>", so
+    /// that several stores can share one Redis.
+    #[arg(long, env = "FRESHET_CACHE_PREFIX")]
+    cache_prefix: Option<String>,
     /// Longest a cache entry may outlive a missed invalidation, in ms.
     #[arg(long, env = "FRESHET_CACHE_TTL_MS", default_value_t = 5000)]
     cache_ttl_ms: u64,
@@ -132,7 +133,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let cache = match &args.redis_url {
         Some(url) => {
-            let cache = cache::Cache::connect(url, &args.cache_prefix, Duration::from_millis(args.cache_ttl_ms)).await?;
+            let prefix = match &args.cache_prefix {
+                Some(prefix) => prefix.clone(),
+                None => format!("freshet:{}", sqlx::query_scalar::<_, String>("SELECT current_database()::text").fetch_one(&pool).await?),
+            };
+            let cache = cache::Cache::connect(url, &prefix, Duration::from_millis(args.cache_ttl_ms)).await?;
             tokio::spawn(cache::follow_commits(cache.clone(), pool.clone()));
             Some(cache)
         }

@@ -60,21 +60,19 @@ impl Reader {
             (false, false) => CacheOutcome::Partial,
         };
         let missed: Vec<RowKey> = misses.iter().map(|(r, _)| r.clone()).collect();
-        let mut loaded = self.from_postgres(&missed).await?;
-        let fills = misses
-            .into_iter()
-            .map(|(row, generation)| {
-                let state = loaded.remove(&row);
-                let text = state.as_ref().map(|s| serde_json::to_string(s).expect("state serializes"));
-                if let Some(state) = state {
-                    found.insert(row.clone(), state);
-                }
-                (row, generation, text)
-            })
-            .collect();
+        let loaded = self.from_postgres(&missed).await?;
         if let Some(cache) = &self.cache {
-            cache.fill(fills);
+            cache.fill(
+                misses
+                    .into_iter()
+                    .map(|(row, generation)| {
+                        let state = loaded.get(&row);
+                        (row, generation, state)
+                    })
+                    .collect(),
+            );
         }
+        found.extend(loaded);
         Ok((found, outcome))
     }
 

@@ -1,11 +1,12 @@
 -- Freshet's store: feature state, ingest progress, dead letters.
 
--- One row per (view, entity): its tiles and last values (see store/src/state.rs).
+-- One row per (view, entity): its tiles and last values (store/src/state.rs),
+-- encoded as in store/src/codec.rs.
 -- Ingest rewrites a row inside the same transaction that advances offsets.
 CREATE TABLE feature_state (
     view            text        NOT NULL,
     entity          text        NOT NULL,
-    state           jsonb       NOT NULL,
+    state           bytea       NOT NULL,
     newest_event_at timestamptz NOT NULL,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (view, entity)

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use sqlx::{PgConnection, PgPool};
 
-use crate::state::EntityState;
+use crate::{codec, state::EntityState};
 
 /// Identifies a row: (view name, canonical entity key).
 pub type RowKey = (String, String);
@@ -16,8 +16,8 @@ pub type RowKey = (String, String);
 /// are locked in key order, so concurrent batches cannot deadlock.
 pub async fn load_for_update(tx: &mut PgConnection, keys: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
     let (views, entities): (Vec<&str>, Vec<&str>) = keys.iter().map(|(v, e)| (v.as_str(), e.as_str())).unzip();
-    let rows: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT s.view, s.entity, s.state::text FROM feature_state s
+    let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT s.view, s.entity, s.state FROM feature_state s
          JOIN UNNEST($1::text[], $2::text[]) AS k(view, entity) ON s.view = k.view AND s.entity = k.entity
          ORDER BY s.view, s.entity FOR UPDATE OF s",
     )
@@ -37,13 +37,13 @@ pub async fn store(tx: &mut PgConnection, rows: &[(RowKey, EntityState)]) -> Res
     for ((view, entity), state) in rows {
         views.push(view.as_str());
         entities.push(entity.as_str());
-        states.push(serde_json::to_string(state).map_err(|e| sqlx::Error::Encode(Box::new(e)))?);
+        states.push(codec::encode(state));
         newest.push(state.newest_ms);
     }
     sqlx::query(
         "INSERT INTO feature_state (view, entity, state, newest_event_at, updated_at)
-         SELECT v, e, s::jsonb, to_timestamp(n / 1000.0), now()
-         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) AS r(v, e, s, n)
+         SELECT v, e, s, to_timestamp(n / 1000.0), now()
+         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS r(v, e, s, n)
          ON CONFLICT (view, entity) DO UPDATE
          SET state = excluded.state, newest_event_at = excluded.newest_event_at, updated_at = now()",
     )
@@ -59,8 +59,8 @@ pub async fn store(tx: &mut PgConnection, rows: &[(RowKey, EntityState)]) -> Res
 /// Reads the state of every (view, entity) pair of `views` × `entities` in one
 /// query; a pair never seen is absent from the map.
 pub async fn read(pool: &PgPool, views: &[&str], entities: &[&str]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
-    let rows: Vec<(String, String, String)> =
-        sqlx::query_as("SELECT view, entity, state::text FROM feature_state WHERE view = ANY($1) AND entity = ANY($2)")
+    let rows: Vec<(String, String, Vec<u8>)> =
+        sqlx::query_as("SELECT view, entity, state FROM feature_state WHERE view = ANY($1) AND entity = ANY($2)")
             .bind(views)
             .bind(entities)
             .fetch_all(pool)
@@ -68,8 +68,8 @@ pub async fn read(pool: &PgPool, views: &[&str], entities: &[&str]) -> Result<Ha
     rows.into_iter().map(|(view, entity, state)| Ok(((view, entity), decode(&state)?))).collect()
 }
 
-fn decode(text: &str) -> Result<EntityState, sqlx::Error> {
-    serde_json::from_str(text).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+fn decode(bytes: &[u8]) -> Result<EntityState, sqlx::Error> {
+    codec::decode(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
 }
 
 /// The NOTIFY channel on which each commit names the rows it changed.

@@ -1,10 +1,12 @@
 //! What Freshet's ingest and server share.
 //!
 //! - [`view`]: the feature-view file: what is computed and served.
-//! - [`state`]: the feature math: tiles, windows, last values.
+//! - [`state`]: the feature math: tiles, windows, last values; [`codec`]:
+//!   its byte layout in Postgres and Redis.
 //! - [`db`], [`entities`], [`offsets`]: the Postgres store: schema,
 //!   per-entity feature state, and per-partition progress with fencing.
 
+pub mod codec;
 pub mod db;
 pub mod entities;
 pub mod offsets;

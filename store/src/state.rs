@@ -14,12 +14,10 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-
 use crate::view::{Aggregation, Feature, FeatureView, ValueType};
 
 /// A value taken from a source record, already checked against its declared type.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Scalar {
     Null,
     Int(i64),
@@ -51,29 +49,23 @@ pub struct Event {
     pub fields: BTreeMap<String, Scalar>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tile {
-    #[serde(rename = "s")]
     pub start_ms: i64,
-    #[serde(rename = "c")]
     pub count: i64,
-    #[serde(rename = "u")]
     pub sum: f64,
-    #[serde(rename = "l")]
     pub min: f64,
-    #[serde(rename = "h")]
     pub max: f64,
-    #[serde(rename = "n")]
     pub newest_ms: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LastValue {
     pub at_ms: i64,
     pub value: Scalar,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct EntityState {
     /// Newest event time applied to this entity.
     pub newest_ms: i64,

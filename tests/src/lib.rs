@@ -194,6 +194,9 @@ pub fn server(views: &std::path::Path, database_url: &str, extra: &[&str]) -> (P
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
+            // Only what the test asks for: no cache or broker from the runner's environment.
+            .env_remove("FRESHET_REDIS_URL")
+            .env_remove("FRESHET_KAFKA_BROKERS")
             .env("FRESHET_VIEWS", views)
             .env("FRESHET_DATABASE_URL", database_url)
             .env("RUST_LOG", "warn")

@@ -80,7 +80,13 @@ fn raw_consume(topic: &str, n: usize) -> f64 {
 
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / 1024.0
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 #[tokio::main]
@@ -120,11 +126,12 @@ async fn main() {
         loop {
             tokio::time::sleep(Duration::from_millis(50)).await;
             peak = peak.max(rss_mib(pid));
-            let applied: i64 = sqlx::query_scalar("SELECT coalesce(sum(records_applied), 0)::int8 FROM ingest_offsets WHERE consumer_group = $1")
-                .bind(&group)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
+            let applied: i64 =
+                sqlx::query_scalar("SELECT coalesce(sum(records_applied), 0)::int8 FROM ingest_offsets WHERE consumer_group = $1")
+                    .bind(&group)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
             if applied > 0 {
                 first.get_or_insert_with(Instant::now);
             }

@@ -90,7 +90,9 @@ impl Clients {
             Call::Features { entities, features } => {
                 let first = (n as i64 * 7) % (USERS - entities as i64) + 1;
                 let request = GetFeaturesRequest {
-                    features: (0..features).map(|f| if f % 2 == 0 { format!("wide:n_{}", f / 2) } else { format!("wide:last_{}", f / 2) }).collect(),
+                    features: (0..features)
+                        .map(|f| if f % 2 == 0 { format!("wide:n_{}", f / 2) } else { format!("wide:last_{}", f / 2) })
+                        .collect(),
                     entities: (0..entities as i64).map(|e| EntityKey { key: Some(Key::Int64Key(first + e)) }).collect(),
                     max_age: None,
                 };
@@ -189,7 +191,17 @@ async fn main() {
     println!("|---|---|---|---|---|---|");
     for (setup, extra) in [
         ("Postgres only (cache miss path)", vec![]),
-        ("Redis warm (cache hit)", vec!["--redis-url".to_string(), redis.clone(), "--cache-prefix".into(), prefix.clone(), "--cache-ttl-ms".into(), "600000".into()]),
+        (
+            "Redis warm (cache hit)",
+            vec![
+                "--redis-url".to_string(),
+                redis.clone(),
+                "--cache-prefix".into(),
+                prefix.clone(),
+                "--cache-ttl-ms".into(),
+                "600000".into(),
+            ],
+        ),
     ] {
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
         let (_server, address) = server(&views, &url, &[&extra[..], &["--max-in-flight", "10000"]].concat());
@@ -203,12 +215,17 @@ async fn main() {
             capacity(&clients, call, 4).await;
             let cap = capacity(&clients, call, 16).await;
             let mut r = open_loop(&clients, call, cap / 2.0).await;
-            println!("{} ({:.0}% of the empty RPC's throughput)", row(&format!("GetFeatures {name}, {setup}"), cap, &mut r), 100.0 * cap / empty_cap);
+            println!(
+                "{} ({:.0}% of the empty RPC's throughput)",
+                row(&format!("GetFeatures {name}, {setup}"), cap, &mut r),
+                100.0 * cap / empty_cap
+            );
         }
     }
 
     // Overload: 5× capacity against a server that admits 8 calls at a time.
-    let (_server, address) = server(&views, &url, &["--max-in-flight", "8", "--redis-url", &redis, "--cache-prefix", &prefix, "--cache-ttl-ms", "600000"]);
+    let (_server, address) =
+        server(&views, &url, &["--max-in-flight", "8", "--redis-url", &redis, "--cache-prefix", &prefix, "--cache-ttl-ms", "600000"]);
     let clients = Clients::connect(address).await;
     let call = Call::Features { entities: 1, features: 50 };
     capacity(&clients, call, 4).await;
@@ -217,9 +234,26 @@ async fn main() {
     r.admitted.sort();
     r.refused.sort();
     println!();
-    println!("Overload, GetFeatures 1 × 50, Redis warm, --max-in-flight 8: capacity {cap:.0}/s, offered {:.0}/s for {}s", cap * 5.0, PHASE.as_secs());
+    println!(
+        "Overload, GetFeatures 1 × 50, Redis warm, --max-in-flight 8: capacity {cap:.0}/s, offered {:.0}/s for {}s",
+        cap * 5.0,
+        PHASE.as_secs()
+    );
     println!("| | calls | p50 ms | p99 ms | p99.9 ms |");
     println!("|---|---|---|---|---|");
-    println!("| admitted (goodput {:.0}/s) | {} | {} | {} | {} |", r.admitted.len() as f64 / PHASE.as_secs_f64(), r.admitted.len(), pct(&r.admitted, 0.5), pct(&r.admitted, 0.99), pct(&r.admitted, 0.999));
-    println!("| rejected RESOURCE_EXHAUSTED | {} | {} | {} | {} |", r.refused.len(), pct(&r.refused, 0.5), pct(&r.refused, 0.99), pct(&r.refused, 0.999));
+    println!(
+        "| admitted (goodput {:.0}/s) | {} | {} | {} | {} |",
+        r.admitted.len() as f64 / PHASE.as_secs_f64(),
+        r.admitted.len(),
+        pct(&r.admitted, 0.5),
+        pct(&r.admitted, 0.99),
+        pct(&r.admitted, 0.999)
+    );
+    println!(
+        "| rejected RESOURCE_EXHAUSTED | {} | {} | {} | {} |",
+        r.refused.len(),
+        pct(&r.refused, 0.5),
+        pct(&r.refused, 0.99),
+        pct(&r.refused, 0.999)
+    );
 }
