@@ -151,6 +151,9 @@ pub fn spawn(
         .set("fetch.max.bytes", "8388608")
         .set("max.partition.fetch.bytes", "1048576")
         .set("statistics.interval.ms", "1000")
+        // Notice soon a subscribed topic that did not exist yet (Debezium
+        // creates a table's topic with its first change).
+        .set("topic.metadata.refresh.interval.ms", "5000")
         .create_with_context(Context { events: events_tx.clone(), high_watermarks: Mutex::default() })?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

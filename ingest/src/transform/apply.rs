@@ -3,6 +3,10 @@
 //!
 //! The reference for lateness is committed with the offsets, so replaying a
 //! batch after a crash makes exactly the same late/not-late decisions.
+//! Lateness applies to additions; a retraction always takes its event out of
+//! the tile that holds it (a no-op once the tile has aged out). The one case
+//! this gets wrong is a row that arrived too late to be counted and is later
+//! deleted: rare, and such rows are already counted as late.
 
 use std::collections::HashMap;
 
@@ -23,7 +27,10 @@ pub fn apply(catalog: &Catalog, states: &mut HashMap<RowKey, EntityState>, chang
     for (v, direction, event) in changes {
         let view = &catalog.views[*v];
         let reference = newest_ms.unwrap_or(i64::MIN);
-        let in_windows = event.at_ms >= reference.saturating_sub(view.allowed_lateness.as_millis() as i64);
+        // Lateness gates additions only: a retraction (a row deleted hours
+        // later) must take its event back out of whatever tile still holds it.
+        let in_windows =
+            *direction == Direction::Retract || event.at_ms >= reference.saturating_sub(view.allowed_lateness.as_millis() as i64);
         if !in_windows {
             late += 1;
         }
@@ -57,5 +64,11 @@ mod tests {
         let state = &states[&("user_activity".to_string(), "1".to_string())];
         let hour = catalog.views[v].feature("events_1h").unwrap();
         assert_eq!(state.read(hour, base), Reading::Value { value: freshet_store::state::Scalar::Int(2), at_ms: base });
+
+        // Deleting the half-minute-late row much later still takes it back.
+        let retract = vec![(v, Direction::Add, e(base + 600_000)), (v, Direction::Retract, e(base - 30_000))];
+        assert_eq!(apply(&catalog, &mut states, &retract, &mut newest), 0);
+        let state = &states[&("user_activity".to_string(), "1".to_string())];
+        assert_eq!(state.read(hour, base + 600_000), Reading::Value { value: freshet_store::state::Scalar::Int(2), at_ms: base + 600_000 });
     }
 }
