@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The README's first command: Freshet end to end on this machine.
+# The README's first command: the reference pipeline end to end on this machine.
 #   deploy/local/demo.sh [--keep]
-# Starts Kafka, Postgres and Redis (deploy/local/services.sh), migrates the
-# store, starts freshet-ingest and freshet-server on deploy/views/reference.toml,
-# produces Debezium-shaped change events for user_events and orders at a
-# steady rate with a 10x spike, shows progress and freshness while they flow,
-# then asks the server for features with grpcurl. --keep leaves it running.
+#
+# An application writes rows to Postgres (database "app"); Debezium on Kafka
+# Connect publishes each change to Kafka in transactions; freshet-ingest
+# applies them exactly once; freshet-server serves the features over gRPC.
+# The load is steady with a 10x spike; the terminal shows progress, lag and
+# freshness while it flows, then measures Postgres commit -> servable, and
+# asks for features with the Rust client and with grpcurl. --keep leaves
+# everything running.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -14,38 +17,39 @@ SERVICES=$HERE/services.sh
 export FRESHET_CACHE=${FRESHET_CACHE:-${HOME:?}/.cache/freshet}
 KEEP=${1:-}
 DIR=$ROOT/.freshet/demo
+BIN=$ROOT/target/release
 say() { printf '\033[1m== %s\033[0m\n' "$*"; }
 
 cleanup() {
-  [[ $KEEP == --keep ]] && { say "left running; stop with: $SERVICES stop $DIR && kill $(cat "$DIR"/*.pid 2>/dev/null | tr '\n' ' ')"; return; }
-  pkill -f "demo_events.py" 2>/dev/null || true
+  if [[ $KEEP == --keep ]]; then
+    say "left running (server on $ADDR); stop with: kill \$(cat $DIR/*.pid); $SERVICES stop $DIR"
+    return
+  fi
   for pid in "$DIR"/*.pid; do [[ -f $pid ]] && kill "$(cat "$pid")" 2>/dev/null || true; done
   sleep 1
   "$SERVICES" stop "$DIR" >/dev/null || true
 }
+ADDR=
 trap cleanup EXIT
 
-say "installing what is missing (apt packages, Kafka jars, grpcurl)"
+say "installing what is missing (apt packages, Kafka, Kafka Connect and Debezium jars, grpcurl)"
 "$SERVICES" install >/dev/null
-say "building Freshet"
-(cd "$ROOT" && cargo build --release --bins -q)
-BIN=$ROOT/target/release
+say "building Freshet (release)"
+(cd "$ROOT" && cargo build --release --bins --example client -q)
 export PATH=$FRESHET_CACHE/bin:$PATH
 
-say "starting Kafka, Postgres and Redis under $DIR"
+say "starting Postgres, Redis, Kafka and Kafka Connect under $DIR"
 "$SERVICES" stop "$DIR" >/dev/null 2>&1 || true
 rm -rf "$DIR"; mkdir -p "$DIR"
 "$SERVICES" start "$DIR" >/dev/null
 # shellcheck source=/dev/null
 source "$DIR/env"
 export FRESHET_VIEWS=$ROOT/deploy/views/reference.toml
+APP_URL=${FRESHET_DATABASE_URL%/*}/app
 
-say "migrating the store"
+say "migrating Freshet's store; creating the app's tables and the Debezium connector"
 "$BIN/freshet-server" migrate
-for topic in app.public.user_events app.public.orders; do
-  "$SERVICES" kafka-cli org.apache.kafka.tools.TopicCommand --bootstrap-server "$FRESHET_KAFKA_BROKERS" \
-    --create --topic "$topic" --partitions 3 --replication-factor 1 >/dev/null
-done
+"$SERVICES" connector "$DIR"
 
 say "starting freshet-ingest and freshet-server"
 RUST_LOG=warn "$BIN/freshet-ingest" run >"$DIR/ingest.log" 2>&1 & echo $! >"$DIR/ingest.pid"
@@ -54,28 +58,51 @@ for _ in $(seq 100); do grep -q "listening on" "$DIR/server.log" && break; sleep
 ADDR=$(sed -n 's/^freshet-server listening on //p' "$DIR/server.log")
 grpcurl -plaintext "$ADDR" list
 
-say "producing change events: 200/s for 10 s, 2000/s for 5 s (the spike), 200/s for 10 s"
-python3 "$HERE/demo_events.py" 200:10 2000:5 200:10 | \
-  "$SERVICES" kafka-cli org.apache.kafka.tools.ConsoleProducer --bootstrap-server "$FRESHET_KAFKA_BROKERS" \
-    --topic app.public.user_events --property parse.key=true --property key.separator='|' \
-    >/dev/null 2>"$DIR/producer.log" &
-PRODUCER=$!
-echo "$PRODUCER" >"$DIR/producer.pid"
+# The application: one psql session, a statement every 100 ms inserting
+# RATE/10 events (and a fifth as many orders), each its own transaction.
+load() {
+  for phase in "$@"; do
+    local rate=${phase%:*} seconds=${phase#*:} ticks
+    ticks=$((seconds * 10))
+    for ((i = 0; i < ticks; i++)); do
+      echo "INSERT INTO user_events (user_id, event_type, occurred_at)
+              SELECT 1 + (random() * 49)::int, (ARRAY['view','click','add_to_cart','purchase'])[1 + (random() * 3)::int], clock_timestamp()
+              FROM generate_series(1, $((rate / 10)));"
+      echo "INSERT INTO orders (user_id, amount, items, express, ordered_at)
+              SELECT 1 + (random() * 49)::int, round((random() * 200)::numeric, 2), 1 + (random() * 4)::int, random() < 0.3, clock_timestamp()
+              FROM generate_series(1, $((rate / 50 + 1)));"
+      sleep 0.1
+    done
+  done
+}
 
-watch_freshness() {
+show() {
+  local inserted applied dead
+  inserted=$(psql -qtA "$APP_URL" -c "SELECT (SELECT count(*) FROM user_events) + (SELECT count(*) FROM orders)")
+  applied=$(psql -qtA "$FRESHET_DATABASE_URL" -c "SELECT coalesce(sum(records_applied), 0) FROM ingest_offsets")
+  dead=$(psql -qtA "$FRESHET_DATABASE_URL" -c "SELECT coalesce(sum(records_dead), 0) FROM ingest_offsets")
+  say "$(date +%T) rows inserted: $inserted   records applied: $applied   dead-lettered: $dead"
   grpcurl -plaintext -d '{}' "$ADDR" freshet.v1.FeatureService/GetFreshness | python3 "$HERE/show_freshness.py"
 }
-while kill -0 "$PRODUCER" 2>/dev/null; do
-  applied=$(psql -qtA "$FRESHET_DATABASE_URL" -c "SELECT coalesce(sum(records_applied),0) FROM ingest_offsets")
-  say "$(date +%T) records applied: $applied"
-  watch_freshness
+
+say "the application writes: 200 rows/s for 15 s, 2000 rows/s for 10 s (the spike), 200 rows/s for 10 s"
+load 200:15 2000:10 200:10 | psql -q "$APP_URL" >/dev/null 2>"$DIR/load.log" &
+LOAD=$!
+echo $LOAD >"$DIR/load.pid"
+while kill -0 "$LOAD" 2>/dev/null; do
+  show
   sleep 2
 done
-wait "$PRODUCER"
 sleep 2
-say "final freshness"
-watch_freshness
+say "after the load"
+show
 
-say "features of users 1, 2 and 3 (grpcurl)"
-grpcurl -plaintext -d '{"features": ["user_activity:events_10s", "user_activity:events_1m", "user_activity:events_1h", "user_activity:last_event_type"],
+say "measuring Postgres commit -> servable (100 marker rows/s for 10 s, polled through GetFeatures)"
+"$BIN/bench_freshness" debezium "$ADDR" "$APP_URL" 10
+
+say "features of users 1, 2 and 3 with the Rust client (client-examples/rust)"
+"$ROOT/target/release/examples/client" --address "$ADDR" --users 1,2,3
+
+say "the same with grpcurl"
+grpcurl -plaintext -d '{"features": ["user_activity:events_10s", "user_activity:events_1m", "user_activity:last_event_type", "orders:spend_1h", "orders:last_express"],
   "entities": [{"int64Key": "1"}, {"int64Key": "2"}, {"int64Key": "3"}]}' "$ADDR" freshet.v1.FeatureService/GetFeatures

@@ -4,7 +4,9 @@ import sys
 
 response = json.load(sys.stdin)
 for view in response.get("views", []):
-    lag = sum(int(p.get("lagRecords", 0)) for p in view.get("partitions", []))
     verdict = view.get("verdict", "UNKNOWN")
     age = view.get("age", "0s")
-    print(f"  {view['view']:14} verdict={verdict:9} lag={lag:6} age={age}")
+    partitions = " ".join(
+        f"p{p.get('partition', 0)}:lag={p.get('lagRecords', '0')}" for p in view.get("partitions", [])
+    )
+    print(f"  {view['view']:14} verdict={verdict:9} age={age:8} {partitions}")
