@@ -11,6 +11,9 @@ CREATE TABLE feature_state (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (view, entity)
 );
+-- Rewritten on every commit that touches the entity: compressing it
+-- (pglz) costs more CPU than the bytes it saves.
+ALTER TABLE feature_state ALTER COLUMN state SET STORAGE EXTERNAL;
 
 -- Where ingest stands, per (consumer group, topic, partition). This, not
 -- Kafka's committed offsets, is the truth about progress. `owner_epoch` is
