@@ -53,7 +53,7 @@ say "migrating Freshet's store; creating the app's tables and the Debezium conne
 
 say "starting freshet-ingest and freshet-server"
 RUST_LOG=warn "$BIN/freshet-ingest" run >"$DIR/ingest.log" 2>&1 & echo $! >"$DIR/ingest.pid"
-RUST_LOG=warn "$BIN/freshet-server" serve --listen 127.0.0.1:0 >"$DIR/server.log" 2>&1 & echo $! >"$DIR/server.pid"
+RUST_LOG=warn "$BIN/freshet-server" serve --listen 127.0.0.1:0 --source-database-url "$APP_URL" >"$DIR/server.log" 2>&1 & echo $! >"$DIR/server.pid"
 for _ in $(seq 100); do grep -q "listening on" "$DIR/server.log" && break; sleep 0.1; done
 ADDR=$(sed -n 's/^freshet-server listening on //p' "$DIR/server.log")
 grpcurl -plaintext "$ADDR" list

@@ -10,3 +10,6 @@ for view in response.get("views", []):
         f"p{p.get('partition', 0)}:lag={p.get('lagRecords', '0')}" for p in view.get("partitions", [])
     )
     print(f"  {view['view']:14} verdict={verdict:9} age={age:8} {partitions}")
+for slot in response.get("replicationSlots", []):
+    state = "active" if slot.get("active") else "INACTIVE"
+    print(f"  slot {slot['name']:9} {state:8} lag={int(slot.get('lagBytes', 0)):>9} bytes  retained={int(slot.get('retainedBytes', 0)):>9} bytes")

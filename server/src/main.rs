@@ -79,6 +79,10 @@ struct ServeArgs {
     /// own high watermarks, not only those ingest last saw.
     #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
+    /// The CDC source database (Debezium's): GetFreshness then reports its
+    /// logical replication slots and how far behind they are.
+    #[arg(long, env = "FRESHET_SOURCE_DATABASE_URL")]
+    source_database_url: Option<String>,
     /// Redis URL of the cache; without it every read goes to Postgres.
     #[arg(long, env = "FRESHET_REDIS_URL")]
     redis_url: Option<String>,
@@ -161,8 +165,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(brokers) = &args.kafka_brokers {
         watermarks.follow(brokers, catalog.topics())?;
     }
+    let source = match &args.source_database_url {
+        Some(url) => Some(db::connect(url, 2).await?),
+        None => None,
+    };
     let features = service::Features {
         watermarks,
+        source,
         catalog,
         reader: reader::Reader { pool: pool.clone(), cache },
         pool,

@@ -9,7 +9,7 @@ use std::{sync::Arc, time::Duration};
 use freshet_proto::v1::{
     EntityFeatures, Feature as ProtoFeature, FeatureStatus, FeatureValue, FeatureView as ProtoView, GetFeaturesRequest,
     GetFeaturesResponse, GetFreshnessRequest, GetFreshnessResponse, ListFeatureViewsRequest, ListFeatureViewsResponse, PartitionFreshness,
-    Value, ValueType as ProtoType, ViewFreshness, feature_service_server::FeatureService, value::Kind,
+    ReplicationSlot, Value, ValueType as ProtoType, ViewFreshness, feature_service_server::FeatureService, value::Kind,
 };
 use freshet_store::{
     offsets,
@@ -29,6 +29,8 @@ pub struct Features {
     pub group: String,
     pub max_entities: usize,
     pub watermarks: crate::watermarks::Watermarks,
+    /// The CDC source database, to report its replication slots.
+    pub source: Option<PgPool>,
 }
 
 #[tonic::async_trait]
@@ -115,12 +117,36 @@ impl FeatureService for Features {
                 }
             })
             .collect();
-        Ok(Response::new(GetFreshnessResponse { views, served_at: Some(timestamp(now_ms)) }))
+        let replication_slots = match &self.source {
+            Some(source) => replication_slots(source).await.map_err(unavailable)?,
+            None => Vec::new(),
+        };
+        Ok(Response::new(GetFreshnessResponse { views, served_at: Some(timestamp(now_ms)), replication_slots }))
     }
 
     async fn list_feature_views(&self, _: Request<ListFeatureViewsRequest>) -> Result<Response<ListFeatureViewsResponse>, Status> {
         Ok(Response::new(list_views(&self.catalog)))
     }
+}
+
+async fn replication_slots(source: &PgPool) -> Result<Vec<ReplicationSlot>, sqlx::Error> {
+    let rows: Vec<(String, bool, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT slot_name::text, active,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,
+                pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8
+         FROM pg_replication_slots WHERE slot_type = 'logical' ORDER BY slot_name",
+    )
+    .fetch_all(source)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, active, lag, retained)| ReplicationSlot {
+            name,
+            active,
+            lag_bytes: lag.unwrap_or(0),
+            retained_bytes: retained.unwrap_or(0),
+        })
+        .collect())
 }
 
 pub fn list_views(catalog: &Catalog) -> ListFeatureViewsResponse {

@@ -6,7 +6,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use freshet_proto::v1::{
-    EntityKey, FeatureStatus, GetFeaturesRequest, entity_key::Key, feature_service_client::FeatureServiceClient, value::Kind,
+    EntityKey, FeatureStatus, GetFeaturesRequest, GetFreshnessRequest, entity_key::Key, feature_service_client::FeatureServiceClient,
+    value::Kind,
 };
 use freshet_tests::{env, eventually, fresh_database, ingest, reference_views, server, services, unique};
 use rand::{Rng, SeedableRng};
@@ -113,7 +114,7 @@ async fn rows_written_to_postgres_are_served_exactly_through_debezium() {
     let group = unique("g");
     let views = reference_views();
     let mut ingest_process = ingest(&views, &url, &group, "pipeline");
-    let (_server, address) = server(&views, &url, &[]);
+    let (_server, address) = server(&views, &url, &["--source-database-url", &app_url]);
     let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut inserted = Inserted::new();
@@ -141,5 +142,12 @@ async fn rows_written_to_postgres_are_served_exactly_through_debezium() {
     sqlx::query("DELETE FROM user_events WHERE event_id = ANY($1)").bind(&victims).execute(&app).await.unwrap();
     sqlx::query("UPDATE user_events SET event_type = 'edited' WHERE event_id % 5 = 0").execute(&app).await.unwrap();
     converges(&client, &app, &inserted, "after deletes and updates").await;
+
+    // The CDC slot is reported with how far behind it is.
+    let freshness = client.clone().get_freshness(GetFreshnessRequest { views: vec![] }).await.unwrap().into_inner();
+    let slot = freshness.replication_slots.iter().find(|s| s.name == "freshet_slot").expect("Debezium's slot is reported");
+    assert!(slot.active, "{slot:?}");
+    assert!(slot.lag_bytes >= 0 && slot.lag_bytes < 64 << 20, "{slot:?}");
+    assert!(slot.retained_bytes >= slot.lag_bytes, "{slot:?}");
     assert!(ingest_process.terminate().success());
 }
