@@ -52,10 +52,11 @@ say "migrating Freshet's store; creating the app's tables and the Debezium conne
 "$SERVICES" connector "$DIR"
 
 say "starting freshet-ingest and freshet-server"
-RUST_LOG=warn "$BIN/freshet-ingest" run >"$DIR/ingest.log" 2>&1 & echo $! >"$DIR/ingest.pid"
+RUST_LOG=warn "$BIN/freshet-ingest" run --metrics-listen 127.0.0.1:0 >"$DIR/ingest.log" 2>&1 & echo $! >"$DIR/ingest.pid"
 RUST_LOG=warn "$BIN/freshet-server" serve --listen 127.0.0.1:0 --source-database-url "$APP_URL" >"$DIR/server.log" 2>&1 & echo $! >"$DIR/server.pid"
 for _ in $(seq 100); do grep -q "listening on" "$DIR/server.log" && break; sleep 0.1; done
 ADDR=$(sed -n 's/^freshet-server listening on //p' "$DIR/server.log")
+INGEST_METRICS=$(sed -n 's/^freshet-ingest metrics on //p' "$DIR/ingest.log")
 grpcurl -plaintext "$ADDR" list
 
 # The application: one psql session, a statement every 100 ms inserting
@@ -83,6 +84,10 @@ show() {
   dead=$(psql -qtA "$FRESHET_DATABASE_URL" -c "SELECT coalesce(sum(records_dead), 0) FROM ingest_offsets")
   say "$(date +%T) rows inserted: $inserted   records applied: $applied   dead-lettered: $dead"
   grpcurl -plaintext -d '{}' "$ADDR" freshet.v1.FeatureService/GetFreshness | python3 "$HERE/show_freshness.py"
+  curl -s "$INGEST_METRICS" | awk '
+    /^freshet_ingest_paused_partitions /{p=$2} /^freshet_ingest_pauses_total /{t=$2}
+    /^freshet_ingest_commit_duration_seconds_count /{c=$2} /^freshet_ingest_batch_records_sum /{r=$2}
+    END {printf "  ingest: paused partitions %d (pauses so far %d), %d commits, %.0f records per batch on average\n", p, t, c, (c ? r / c : 0)}'
 }
 
 say "the application writes: 200 rows/s for 15 s, 2000 rows/s for 10 s (the spike), 200 rows/s for 10 s"

@@ -14,7 +14,7 @@ mod transform;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use freshet_store::{db, view::Catalog};
+use freshet_store::{db, metrics::Metrics, view::Catalog};
 
 use crate::{
     pipeline::{BatchLimits, Pipeline},
@@ -74,6 +74,9 @@ struct RunArgs {
     /// Bytes held before partitions are paused.
     #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_BYTES", default_value_t = 32 << 20)]
     max_in_flight_bytes: usize,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off if unset.
+    #[arg(long, env = "FRESHET_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Commits slower than this (ms), three in a row, pause consumption.
     #[arg(long, env = "FRESHET_SLOW_COMMIT_MS", default_value_t = 1000)]
     slow_commit_ms: u64,
@@ -102,6 +105,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let owner = format!("{}-{}", hostname(), std::process::id());
     let dlq = DeadLetterQueue::new(&args.brokers, &args.group, &owner)?;
     let in_flight = Arc::new(InFlight::default());
+    let metrics = Arc::new(Metrics::default());
+    if let Some(address) = args.metrics_listen {
+        let bound = freshet_store::metrics::serve(metrics.clone(), address).await?;
+        println!("freshet-ingest metrics on http://{bound}/metrics");
+    }
     let topics = catalog.topics();
     tracing::info!(?topics, group = args.group, owner, "starting ingest");
     let (events, commands, poll_thread) = source::spawn(
@@ -112,6 +120,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             topics,
             max_in_flight_records: args.max_in_flight_records,
             max_in_flight_bytes: args.max_in_flight_bytes,
+            metrics: metrics.clone(),
         },
         in_flight.clone(),
     )?;
@@ -130,6 +139,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             linger: Duration::from_millis(args.linger_ms),
             slow_commit: Duration::from_millis(args.slow_commit_ms),
         },
+        metrics,
     );
     pipeline.run(events, shutdown()).await;
     tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();

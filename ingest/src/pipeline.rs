@@ -22,7 +22,8 @@ use std::{
 };
 
 use freshet_store::{
-    offsets::{self, DeadLetter},
+    metrics::Metrics,
+    offsets::{self, Advance, DeadLetter},
     view::Catalog,
 };
 use sqlx::PgPool;
@@ -56,6 +57,7 @@ pub struct Pipeline {
     pub in_flight: SharedInFlight,
     pub commands: std::sync::mpsc::Sender<Command>,
     pub limits: BatchLimits,
+    metrics: Arc<Metrics>,
     owned: HashMap<TopicPartition, Owned>,
     /// Next offset to accept per owned partition (`None`: the first that comes).
     position: HashMap<TopicPartition, Option<i64>>,
@@ -79,6 +81,7 @@ impl Pipeline {
         in_flight: SharedInFlight,
         commands: std::sync::mpsc::Sender<Command>,
         limits: BatchLimits,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             catalog,
@@ -90,6 +93,7 @@ impl Pipeline {
             in_flight,
             commands,
             limits,
+            metrics,
             owned: HashMap::new(),
             position: HashMap::new(),
             batch: Vec::new(),
@@ -295,8 +299,8 @@ impl Pipeline {
                 let started = Instant::now();
                 match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items).await {
                     Ok(progress) => {
-                        self.note_commit_time(started.elapsed());
-                        self.owned.extend(progress);
+                        self.note_commit(started.elapsed(), items.len(), &progress);
+                        self.owned.extend(progress.into_iter().map(|(tp, (owned, _))| (tp, owned)));
                         return;
                     }
                     Err(CommitError::Fenced(lost)) => {
@@ -312,6 +316,7 @@ impl Pipeline {
                     }
                     Err(CommitError::Sql(e)) => {
                         self.in_flight.sink_struggling.store(true, Ordering::Relaxed);
+                        self.metrics.add("freshet_ingest_commit_retries_total", "Commits retried after a transient failure.", &[], 1.0);
                         let wait = backoff.next_delay();
                         tracing::warn!(error = %e, attempt = backoff.attempts(), ?wait, "commit failed; partitions paused, retrying");
                         tokio::time::sleep(wait).await;
@@ -336,9 +341,49 @@ impl Pipeline {
         self.commit(second).await;
     }
 
+    /// Commit latency drives flow control; the rest is for operators.
+    fn note_commit(&mut self, took: Duration, records: usize, progress: &HashMap<TopicPartition, (Owned, Advance)>) {
+        let m = &self.metrics;
+        m.observe("freshet_ingest_commit_duration_seconds", "Time to commit one batch (state and offsets).", &[], took.as_secs_f64());
+        m.observe("freshet_ingest_batch_records", "Records per committed batch.", &[], records as f64);
+        for ((topic, partition), (_, a)) in progress {
+            let partition = partition.to_string();
+            let labels: &[(&str, &str)] = &[("topic", topic), ("partition", &partition)];
+            m.add("freshet_ingest_records_applied_total", "Records applied to feature state.", labels, a.applied as f64);
+            m.add("freshet_ingest_records_dead_lettered_total", "Records sent to the dead-letter topic.", labels, a.dead as f64);
+            m.add(
+                "freshet_ingest_late_events_total",
+                "Events later than the allowed lateness, kept out of windows.",
+                labels,
+                a.late as f64,
+            );
+            m.set("freshet_ingest_committed_offset", "Next offset to apply, as committed.", labels, a.next_offset as f64);
+            m.set(
+                "freshet_ingest_consumer_lag_records",
+                "High watermark minus committed offset.",
+                labels,
+                (a.high_watermark - a.next_offset).max(0) as f64,
+            );
+            if let Some(newest) = a.newest_event_ms {
+                m.set(
+                    "freshet_ingest_newest_event_timestamp_seconds",
+                    "Event time of the newest event applied.",
+                    labels,
+                    newest as f64 / 1000.0,
+                );
+            }
+            m.set("freshet_ingest_last_commit_timestamp_seconds", "When the partition last committed.", labels, now_seconds());
+        }
+        self.note_commit_time(took);
+    }
+
     fn note_commit_time(&mut self, took: Duration) {
         self.slow_commits = if took > self.limits.slow_commit { self.slow_commits + 1 } else { 0 };
         // One slow commit is noise; three in a row mean the sink needs air.
         self.in_flight.sink_struggling.store(self.slow_commits >= 3, Ordering::Relaxed);
     }
+}
+
+fn now_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }

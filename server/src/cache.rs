@@ -23,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use freshet_store::{codec, entities, entities::RowKey, state::EntityState};
+use freshet_store::{codec, entities, entities::RowKey, metrics::Metrics, state::EntityState};
 use redis::aio::ConnectionManager;
 
 /// What the cache said about one row.
@@ -41,6 +41,7 @@ pub struct Cache {
     ttl: Duration,
     /// Set while Redis is failing: reads go straight to Postgres.
     pub degraded: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
 }
 
 /// Sets the entry only if the generation is unchanged since the read.
@@ -48,7 +49,7 @@ const FILL: &str =
     "if (redis.call('GET', KEYS[2]) or '') == ARGV[2] then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end return 0";
 
 impl Cache {
-    pub async fn connect(url: &str, prefix: &str, ttl: Duration) -> redis::RedisResult<Cache> {
+    pub async fn connect(url: &str, prefix: &str, ttl: Duration, metrics: Arc<Metrics>) -> redis::RedisResult<Cache> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             // A slow cache is worse than none: give up quickly and use Postgres.
@@ -57,7 +58,7 @@ impl Cache {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let redis = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Cache { redis, prefix: prefix.into(), ttl, degraded: Arc::default() })
+        Ok(Cache { redis, prefix: prefix.into(), ttl, degraded: Arc::default(), metrics })
     }
 
     fn state_key(&self, (view, entity): &RowKey) -> String {
@@ -134,6 +135,7 @@ impl Cache {
     fn observe<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         let failed = result.is_err();
         if self.degraded.swap(failed, Ordering::Relaxed) != failed {
+            self.metrics.set("freshet_server_cache_degraded", "1 while Redis fails and reads go to Postgres.", &[], failed as u8 as f64);
             match &result {
                 Err(e) => tracing::warn!(error = %e, "Redis failing: serving from Postgres (degraded)"),
                 Ok(_) => tracing::info!("Redis is back: cache in use"),

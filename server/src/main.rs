@@ -102,6 +102,9 @@ struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "FRESHET_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off if unset.
+    #[arg(long, env = "FRESHET_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     /// Postgres connections.
     #[arg(long, env = "FRESHET_DB_CONNECTIONS", default_value_t = 16)]
     db_connections: u32,
@@ -132,6 +135,11 @@ async fn main() -> anyhow::Result<()> {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let catalog = Arc::new(Catalog::load(&args.views.views)?);
+    let metrics = Arc::new(freshet_store::metrics::Metrics::default());
+    if let Some(address) = args.metrics_listen {
+        let bound = freshet_store::metrics::serve(metrics.clone(), address).await?;
+        println!("freshet-server metrics on http://{bound}/metrics");
+    }
     let pool = db::connect(&args.db.database_url, args.db_connections).await?;
     db::ensure_migrated(&pool).await?;
 
@@ -141,7 +149,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Some(prefix) => prefix.clone(),
                 None => format!("freshet:{}", sqlx::query_scalar::<_, String>("SELECT current_database()::text").fetch_one(&pool).await?),
             };
-            let cache = cache::Cache::connect(url, &prefix, Duration::from_millis(args.cache_ttl_ms)).await?;
+            let cache = cache::Cache::connect(url, &prefix, Duration::from_millis(args.cache_ttl_ms), metrics.clone()).await?;
             tokio::spawn(cache::follow_commits(cache.clone(), pool.clone()));
             Some(cache)
         }
@@ -172,6 +180,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let features = service::Features {
         watermarks,
         source,
+        metrics: metrics.clone(),
         catalog,
         reader: reader::Reader { pool: pool.clone(), cache },
         pool,
@@ -181,6 +190,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = layers::Limits {
         max_in_flight: args.max_in_flight,
         default_deadline: Duration::from_millis(args.default_deadline_ms),
+        metrics: metrics.clone(),
         tokens: match &args.tokens_file {
             Some(path) => std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read tokens file {}", path.display()))?

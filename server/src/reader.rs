@@ -31,6 +31,17 @@ pub enum CacheOutcome {
     Bypassed,
 }
 
+impl CacheOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Partial => "partial",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Bypassed => "bypassed",
+        }
+    }
+}
+
 impl Reader {
     pub async fn read(&self, views: &[&FeatureView], entities: &[String]) -> Result<(HashMap<RowKey, EntityState>, CacheOutcome), Status> {
         let mut rows: Vec<RowKey> = views.iter().flat_map(|v| entities.iter().map(|e| (v.name.clone(), e.clone()))).collect();

@@ -31,6 +31,7 @@ pub struct Features {
     pub watermarks: crate::watermarks::Watermarks,
     /// The CDC source database, to report its replication slots.
     pub source: Option<PgPool>,
+    pub metrics: std::sync::Arc<freshet_store::metrics::Metrics>,
 }
 
 #[tonic::async_trait]
@@ -40,6 +41,7 @@ impl FeatureService for Features {
         let plan = request::plan(&self.catalog, &request, self.max_entities)?;
         let now_ms = now_ms();
         let (states, cache) = self.reader.read(&plan.views, &plan.entities).await?;
+        self.metrics.add("freshet_server_cache_reads_total", "GetFeatures reads by cache outcome.", &[("outcome", cache.as_str())], 1.0);
         tracing::Span::current().record("cache", tracing::field::debug(cache));
         let results = request
             .entities

@@ -5,10 +5,12 @@
 //!   its byte layout in Postgres and Redis.
 //! - [`db`], [`entities`], [`offsets`]: the Postgres store: schema,
 //!   per-entity feature state, and per-partition progress with fencing.
+//! - [`metrics`]: the Prometheus endpoint both binaries expose.
 
 pub mod codec;
 pub mod db;
 pub mod entities;
+pub mod metrics;
 pub mod offsets;
 pub mod state;
 pub mod view;

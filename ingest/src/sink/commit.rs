@@ -53,15 +53,15 @@ impl From<sqlx::Error> for CommitError {
     }
 }
 
-/// Commits `items` (grouped by nothing; each partition's items in offset
-/// order) and returns the new ownership state of each partition in it.
+/// Commits `items` (each partition's items in offset order) and returns,
+/// per partition, its new ownership state and what the batch did to it.
 pub async fn commit(
     pool: &PgPool,
     group: &str,
     catalog: &Catalog,
     owned: &HashMap<(String, i32), Owned>,
     items: &[&Item],
-) -> Result<HashMap<(String, i32), Owned>, CommitError> {
+) -> Result<HashMap<(String, i32), (Owned, Advance)>, CommitError> {
     let mut tx = pool.begin().await?;
     // Durability of a batch comes from Kafka, not from this fsync: if
     // Postgres loses the newest commits in a crash, it loses their state
@@ -117,7 +117,7 @@ pub async fn commit(
     tx.commit().await?;
     Ok(progress
         .into_iter()
-        .map(|(tp, (o, a))| (tp, Owned { epoch: o.epoch, stored: a.next_offset, newest_ms: a.newest_event_ms }))
+        .map(|(tp, (o, a))| (tp, (Owned { epoch: o.epoch, stored: a.next_offset, newest_ms: a.newest_event_ms }, a)))
         .collect())
 }
 

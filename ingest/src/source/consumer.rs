@@ -21,11 +21,12 @@
 
 use std::{
     collections::HashMap,
-    sync::{Mutex, mpsc::TryRecvError},
+    sync::{Arc, Mutex, mpsc::TryRecvError},
     thread::JoinHandle,
     time::Duration,
 };
 
+use freshet_store::metrics::Metrics;
 use rdkafka::{
     ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer, ConsumerContext},
@@ -52,6 +53,7 @@ pub struct Settings {
     pub topics: Vec<String>,
     pub max_in_flight_records: usize,
     pub max_in_flight_bytes: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 struct Context {
@@ -184,6 +186,11 @@ fn poll_loop(
                 match result {
                     Ok(()) => {
                         paused = over;
+                        let count = if over { assignment.count() } else { 0 };
+                        settings.metrics.set("freshet_ingest_paused_partitions", "Partitions paused by flow control.", &[], count as f64);
+                        if over {
+                            settings.metrics.add("freshet_ingest_pauses_total", "Times consumption was paused for flow control.", &[], 1.0);
+                        }
                         tracing::debug!(paused, partitions = assignment.count(), "flow control");
                     }
                     Err(e) => tracing::warn!(error = %e, "pause/resume failed"),

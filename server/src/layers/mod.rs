@@ -1,6 +1,7 @@
 //! The server's cross-cutting concerns, each a small tower layer, composed
 //! here and nowhere else. Outermost first:
 //!
+//! 0. [`metrics`]: every call counted by method and status, and timed.
 //! 1. [`deadline`]: the caller's `grpc-timeout` (or the server default) bounds
 //!    the call; expiry answers `DEADLINE_EXCEEDED`.
 //! 2. [`auth`]: when tokens are configured, a call without a valid bearer
@@ -13,6 +14,7 @@
 
 pub mod auth;
 pub mod deadline;
+pub mod metrics;
 pub mod shed;
 
 use std::time::Duration;
@@ -27,15 +29,17 @@ pub struct Limits {
     pub default_deadline: Duration,
     /// Accepted bearer tokens; empty turns authentication off.
     pub tokens: Vec<String>,
+    pub metrics: std::sync::Arc<freshet_store::metrics::Metrics>,
 }
 
-pub type Layers = Stack<shed::ShedLayer, Stack<auth::AuthLayer, Stack<deadline::DeadlineLayer, Identity>>>;
+pub type Layers = Stack<shed::ShedLayer, Stack<auth::AuthLayer, Stack<deadline::DeadlineLayer, Stack<metrics::MetricsLayer, Identity>>>>;
 
 pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
     ServiceBuilder::new()
+        .layer(metrics::MetricsLayer::new(limits.metrics.clone()))
         .layer(deadline::DeadlineLayer::new(limits.default_deadline))
         .layer(auth::AuthLayer::new(limits.tokens.clone()))
-        .layer(shed::ShedLayer::new(limits.max_in_flight))
+        .layer(shed::ShedLayer::new(limits.max_in_flight, limits.metrics.clone()))
 }
 
 /// Paths that bypass admission control.

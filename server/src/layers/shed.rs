@@ -6,13 +6,11 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     task::{Context, Poll},
 };
 
+use freshet_store::metrics::Metrics;
 use tokio::sync::Semaphore;
 use tonic::Status;
 use tower::{Layer, Service};
@@ -20,19 +18,19 @@ use tower::{Layer, Service};
 #[derive(Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
-    pub shed: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl ShedLayer {
-    pub fn new(max_in_flight: usize) -> Self {
-        Self { permits: Arc::new(Semaphore::new(max_in_flight)), shed: Arc::default() }
+    pub fn new(max_in_flight: usize, metrics: Arc<Metrics>) -> Self {
+        Self { permits: Arc::new(Semaphore::new(max_in_flight)), metrics }
     }
 }
 
 impl<S> Layer<S> for ShedLayer {
     type Service = Shed<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Shed { inner, permits: self.permits.clone(), shed: self.shed.clone() }
+        Shed { inner, permits: self.permits.clone(), metrics: self.metrics.clone() }
     }
 }
 
@@ -40,7 +38,7 @@ impl<S> Layer<S> for ShedLayer {
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
-    shed: Arc<AtomicU64>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S, B, R> Service<http::Request<B>> for Shed<S>
@@ -62,7 +60,7 @@ where
             return Box::pin(self.inner.call(request));
         }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.shed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.add("freshet_server_shed_calls_total", "Calls refused at the concurrency limit.", &[], 1.0);
             return Box::pin(async {
                 Ok(Status::resource_exhausted("server is at its concurrency limit; retry with backoff").into_http())
             });

@@ -1,0 +1,190 @@
+//! Prometheus metrics, as both binaries expose them on `GET /metrics`.
+//!
+//! A small registry rather than a metrics framework: counters, gauges and
+//! histograms keyed by name and label set, rendered in the text exposition
+//! format. Names follow Prometheus conventions (`_total` counters, base
+//! units such as `_seconds`); times are exposed as timestamps so that
+//! `time() - x` gives an age that keeps growing when nothing happens.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Upper bounds of histogram buckets, in seconds (or records, for sizes).
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+enum Series {
+    Value(f64),
+    Histogram { counts: [u64; BUCKETS.len()], sum: f64, count: u64 },
+}
+
+struct Family {
+    help: &'static str,
+    kind: Kind,
+    series: BTreeMap<String, Series>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    families: Mutex<BTreeMap<&'static str, Family>>,
+}
+
+pub type Labels<'a> = &'a [(&'a str, &'a str)];
+
+fn label_text(labels: Labels<'_>) -> String {
+    let mut text = String::new();
+    for (i, (k, v)) in labels.iter().enumerate() {
+        let v = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+        let _ = write!(text, "{}{k}=\"{v}\"", if i > 0 { "," } else { "" });
+    }
+    text
+}
+
+impl Metrics {
+    fn with(&self, name: &'static str, help: &'static str, kind: Kind, labels: Labels<'_>, update: impl FnOnce(&mut Series)) {
+        let mut families = self.families.lock().unwrap_or_else(|e| e.into_inner());
+        let family = families.entry(name).or_insert_with(|| Family { help, kind, series: BTreeMap::new() });
+        let series = family.series.entry(label_text(labels)).or_insert_with(|| match kind {
+            Kind::Histogram => Series::Histogram { counts: [0; BUCKETS.len()], sum: 0.0, count: 0 },
+            _ => Series::Value(0.0),
+        });
+        update(series);
+    }
+
+    /// Adds to a counter.
+    pub fn add(&self, name: &'static str, help: &'static str, labels: Labels<'_>, by: f64) {
+        self.with(name, help, Kind::Counter, labels, |s| {
+            if let Series::Value(v) = s {
+                *v += by;
+            }
+        });
+    }
+
+    /// Sets a gauge.
+    pub fn set(&self, name: &'static str, help: &'static str, labels: Labels<'_>, to: f64) {
+        self.with(name, help, Kind::Gauge, labels, |s| {
+            if let Series::Value(v) = s {
+                *v = to;
+            }
+        });
+    }
+
+    /// Records one observation in a histogram.
+    pub fn observe(&self, name: &'static str, help: &'static str, labels: Labels<'_>, value: f64) {
+        self.with(name, help, Kind::Histogram, labels, |s| {
+            if let Series::Histogram { counts, sum, count } = s {
+                for (bound, c) in BUCKETS.iter().zip(counts.iter_mut()) {
+                    if value <= *bound {
+                        *c += 1;
+                    }
+                }
+                *sum += value;
+                *count += 1;
+            }
+        });
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let families = self.families.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        for (name, family) in families.iter() {
+            let kind = match family.kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
+            };
+            let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} {kind}", family.help);
+            for (labels, series) in &family.series {
+                let braces = |extra: &str| match (labels.is_empty(), extra.is_empty()) {
+                    (true, true) => String::new(),
+                    (true, false) => format!("{{{extra}}}"),
+                    (false, true) => format!("{{{labels}}}"),
+                    (false, false) => format!("{{{labels},{extra}}}"),
+                };
+                match series {
+                    Series::Value(v) => {
+                        let _ = writeln!(out, "{name}{} {v}", braces(""));
+                    }
+                    Series::Histogram { counts, sum, count } => {
+                        for (bound, c) in BUCKETS.iter().zip(counts) {
+                            let _ = writeln!(out, "{name}_bucket{} {c}", braces(&format!("le=\"{bound}\"")));
+                        }
+                        let _ = writeln!(out, "{name}_bucket{} {count}", braces("le=\"+Inf\""));
+                        let _ = writeln!(out, "{name}_sum{} {sum}\n{name}_count{} {count}", braces(""), braces(""));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `address` until the process ends; returns the
+/// bound address (port 0 picks a free one).
+pub async fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::with_capacity(1024);
+                let mut buffer = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let response = if request.starts_with(b"GET /metrics ") {
+                    let body = metrics.render();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                } else {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+                };
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(bound)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_exposition_format() {
+        let m = Metrics::default();
+        m.add("x_total", "Things.", &[("topic", "a\"b")], 2.0);
+        m.add("x_total", "Things.", &[("topic", "a\"b")], 1.0);
+        m.set("y", "Level.", &[], 7.0);
+        m.observe("z_seconds", "Time.", &[("m", "Get")], 0.003);
+        let text = m.render();
+        assert!(text.contains("# TYPE x_total counter\nx_total{topic=\"a\\\"b\"} 3\n"), "{text}");
+        assert!(text.contains("y 7\n"), "{text}");
+        assert!(text.contains("z_seconds_bucket{m=\"Get\",le=\"0.0025\"} 0\n"), "{text}");
+        assert!(text.contains("z_seconds_bucket{m=\"Get\",le=\"0.005\"} 1\n"), "{text}");
+        assert!(
+            text.contains("z_seconds_bucket{m=\"Get\",le=\"+Inf\"} 1\nz_seconds_sum{m=\"Get\"} 0.003\nz_seconds_count{m=\"Get\"} 1\n"),
+            "{text}"
+        );
+    }
+}
