@@ -28,6 +28,7 @@ use freshet_store::{
 };
 use sqlx::PgPool;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::{
     backoff::Backoff,
@@ -176,6 +177,7 @@ impl Pipeline {
 
     /// Claims `partitions` in the store (retrying until it answers) and says
     /// where each starts.
+    #[tracing::instrument(name = "claim", skip_all, fields(partitions = partitions.len()))]
     async fn claim(&mut self, partitions: Vec<TopicPartition>) -> Vec<(TopicPartition, Start)> {
         let mut by_topic: HashMap<String, Vec<i32>> = HashMap::new();
         for (topic, partition) in partitions {
@@ -215,6 +217,7 @@ impl Pipeline {
 
     /// Decodes and commits the current batch; returns once it is committed
     /// or its partitions are lost.
+    #[tracing::instrument(name = "batch", skip_all, fields(records = self.batch.len(), bytes = self.batch_bytes))]
     async fn flush(&mut self) {
         if self.batch.is_empty() {
             return;
@@ -262,6 +265,7 @@ impl Pipeline {
         item
     }
 
+    #[tracing::instrument(name = "dead_letter", skip_all, fields(topic = record.topic, partition = record.partition, offset = record.offset, stage))]
     async fn dead_letter(&self, item: &mut Item, record: &Record, dlq_topic: &str, stage: &str, class: &str, message: &str) {
         tracing::warn!(
             topic = record.topic,
@@ -297,7 +301,8 @@ impl Pipeline {
                 }
                 let items: Vec<&Item> = pending.iter().map(|(i, _)| i).collect();
                 let started = Instant::now();
-                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items).await {
+                let span = tracing::info_span!("commit", db.system = "postgresql", records = items.len());
+                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items).instrument(span).await {
                     Ok(progress) => {
                         self.note_commit(started.elapsed(), items.len(), &progress);
                         self.owned.extend(progress.into_iter().map(|(tp, (owned, _))| (tp, owned)));
