@@ -33,5 +33,8 @@ export PATH=$FRESHET_CACHE/bin:$PATH # grpcurl
 cd "$ROOT"
 cargo build --workspace --bins
 status=0
-cargo test --workspace "$@" || status=$?
+# pipefail: the status is cargo's, not tee's.
+cargo test --workspace "$@" 2>&1 | tee "$DIR/cargo-test.log" || status=$?
+# One closing line for the whole run: cargo prints a summary per test binary.
+awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$DIR/cargo-test.log"
 exit "$status"
