@@ -88,12 +88,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Migrate { database_url } => {
-            let pool = db::connect(&database_url, 1).await?;
-            db::migrate(&pool).await?;
-            println!("migrations applied");
-            Ok(())
-        }
+        Command::Migrate { database_url } => Ok(db::migrate_command(&database_url).await?),
         Command::Run(args) => run(args).await,
     }
 }

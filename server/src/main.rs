@@ -116,11 +116,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().command {
-        Command::Migrate(args) => {
-            let pool = db::connect(&args.database_url, 1).await?;
-            db::migrate(&pool).await?;
-            println!("migrations applied");
-        }
+        Command::Migrate(args) => db::migrate_command(&args.database_url).await?,
         Command::Views(args) => {
             let catalog = Catalog::load(&args.views)?;
             for view in &catalog.views {

@@ -34,6 +34,14 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
     Ok(())
 }
 
+/// The `migrate` subcommand of both binaries.
+pub async fn migrate_command(url: &str) -> Result<(), DbError> {
+    let pool = connect(url, 1).await?;
+    migrate(&pool).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
 /// Fails with a clear message unless every embedded migration is applied.
 pub async fn ensure_migrated(pool: &PgPool) -> Result<(), DbError> {
     let table: Option<String> = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations')::text").fetch_one(pool).await?;

@@ -255,3 +255,29 @@ pub async fn scrape(port: u16) -> std::collections::BTreeMap<String, f64> {
         .filter_map(|l| l.rsplit_once(' ').and_then(|(k, v)| Some((k.to_string(), v.parse().ok()?))))
         .collect()
 }
+
+/// One event for `view`'s entity `entity` at `at_ms`, with `fields`.
+pub fn event(entity: i64, at_ms: i64, fields: &[(&str, freshet_store::state::Scalar)]) -> freshet_store::state::Event {
+    freshet_store::state::Event {
+        entity: entity.to_string(),
+        at_ms,
+        fields: fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+    }
+}
+
+/// Writes `events` into `view` of the reference views, with the same code
+/// ingest uses to apply and store them.
+pub async fn store_events(url: &str, view: &str, events: Vec<freshet_store::state::Event>) {
+    use freshet_store::state::{Direction, EntityState};
+    let catalog = freshet_store::view::Catalog::load(&reference_views()).unwrap();
+    let view = catalog.view(view).unwrap();
+    let mut states: std::collections::BTreeMap<String, EntityState> = Default::default();
+    for e in &events {
+        states.entry(e.entity.clone()).or_default().apply(view, e, Direction::Add, true);
+    }
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let rows: Vec<_> = states.into_iter().map(|(entity, s)| ((view.name.clone(), entity), s)).collect();
+    freshet_store::entities::store(&mut tx, &rows).await.unwrap();
+    tx.commit().await.unwrap();
+}

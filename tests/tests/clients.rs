@@ -11,12 +11,8 @@ use std::{
     sync::OnceLock,
 };
 
-use freshet_store::{
-    entities,
-    state::{Direction, EntityState, Event, Scalar},
-    view::Catalog,
-};
-use freshet_tests::{fresh_database, reference_views, server, tempfile_dir};
+use freshet_store::state::Scalar;
+use freshet_tests::{event, fresh_database, reference_views, server, store_events, tempfile_dir};
 use serde_json::Value;
 
 const TOKEN: &str = "client-examples-token";
@@ -49,25 +45,6 @@ fn clients() -> &'static Clients {
         };
         Clients { python: path_of("python:"), go: path_of("go:") }
     })
-}
-
-/// Writes events into the store with the same code ingest uses.
-async fn store_events(url: &str, view: &str, events: Vec<Event>) {
-    let catalog = Catalog::load(&reference_views()).unwrap();
-    let view = catalog.view(view).unwrap();
-    let mut states: BTreeMap<String, EntityState> = BTreeMap::new();
-    for e in &events {
-        states.entry(e.entity.clone()).or_default().apply(view, e, Direction::Add, true);
-    }
-    let pool = sqlx::PgPool::connect(url).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let rows: Vec<_> = states.into_iter().map(|(entity, s)| ((view.name.clone(), entity), s)).collect();
-    entities::store(&mut tx, &rows).await.unwrap();
-    tx.commit().await.unwrap();
-}
-
-fn event(entity: i64, at_ms: i64, fields: &[(&str, Scalar)]) -> Event {
-    Event { entity: entity.to_string(), at_ms, fields: fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() }
 }
 
 /// Known state: user 1 in both views, user 2 with an order that never said

@@ -2,41 +2,18 @@
 //! request order, windows that decay, validation, shedding, deadlines,
 //! health, reflection and grpcurl.
 
-use std::{collections::BTreeMap, process::Command, time::Duration};
+use std::{process::Command, time::Duration};
 
 use freshet_proto::v1::{
     EntityKey, FeatureStatus, GetFeaturesRequest, GetFreshnessRequest, ListFeatureViewsRequest, entity_key::Key,
     feature_service_client::FeatureServiceClient, value::Kind,
 };
-use freshet_store::{
-    entities,
-    state::{Direction, EntityState, Event, Scalar},
-    view::Catalog,
-};
-use freshet_tests::{fresh_database, reference_views, server};
+use freshet_store::state::Scalar;
+use freshet_tests::{event, fresh_database, reference_views, server, store_events};
 use tonic::Code;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
-}
-
-/// Writes events into the store with the same code ingest uses.
-async fn store_events(url: &str, view: &str, events: Vec<Event>) {
-    let catalog = Catalog::load(&reference_views()).unwrap();
-    let view = catalog.view(view).unwrap();
-    let mut states: BTreeMap<String, EntityState> = BTreeMap::new();
-    for e in &events {
-        states.entry(e.entity.clone()).or_default().apply(view, e, Direction::Add, true);
-    }
-    let pool = sqlx::PgPool::connect(url).await.unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    let rows: Vec<_> = states.into_iter().map(|(entity, s)| ((view.name.clone(), entity), s)).collect();
-    entities::store(&mut tx, &rows).await.unwrap();
-    tx.commit().await.unwrap();
-}
-
-fn event(entity: i64, at_ms: i64, fields: &[(&str, Scalar)]) -> Event {
-    Event { entity: entity.to_string(), at_ms, fields: fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() }
 }
 
 fn ids(keys: &[i64]) -> Vec<EntityKey> {
