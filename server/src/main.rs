@@ -170,7 +170,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         watermarks.follow(brokers, catalog.topics())?;
     }
     let source = match &args.source_database_url {
-        Some(url) => Some(db::connect(url, 2).await?),
+        Some(url) => {
+            let source = db::connect(url, 2).await?;
+            tokio::spawn(watch_slots(source.clone(), metrics.clone()));
+            Some(source)
+        }
         None => None,
     };
     let features = service::Features {
@@ -244,6 +248,39 @@ async fn watch_stores(health: tonic_health::server::HealthReporter, pool: sqlx::
             last = Some(ok);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Replication slot lag as metrics, so an alert fires before WAL fills the disk.
+async fn watch_slots(source: sqlx::PgPool, metrics: Arc<freshet_store::metrics::Metrics>) {
+    loop {
+        match service::replication_slots(&source).await {
+            Ok(slots) => {
+                for slot in slots {
+                    let labels: &[(&str, &str)] = &[("slot", &slot.name)];
+                    metrics.set(
+                        "freshet_source_replication_slot_lag_bytes",
+                        "WAL written since the slot's consumer last confirmed.",
+                        labels,
+                        slot.lag_bytes as f64,
+                    );
+                    metrics.set(
+                        "freshet_source_replication_slot_retained_bytes",
+                        "WAL the source keeps for the slot.",
+                        labels,
+                        slot.retained_bytes as f64,
+                    );
+                    metrics.set(
+                        "freshet_source_replication_slot_active",
+                        "1 while a consumer is attached to the slot.",
+                        labels,
+                        slot.active as u8 as f64,
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the source's replication slots"),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 

@@ -131,7 +131,7 @@ impl FeatureService for Features {
     }
 }
 
-async fn replication_slots(source: &PgPool) -> Result<Vec<ReplicationSlot>, sqlx::Error> {
+pub async fn replication_slots(source: &PgPool) -> Result<Vec<ReplicationSlot>, sqlx::Error> {
     let rows: Vec<(String, bool, Option<i64>, Option<i64>)> = sqlx::query_as(
         "SELECT slot_name::text, active,
                 pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8,

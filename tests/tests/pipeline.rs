@@ -114,7 +114,9 @@ async fn rows_written_to_postgres_are_served_exactly_through_debezium() {
     let group = unique("g");
     let views = reference_views();
     let mut ingest_process = ingest(&views, &url, &group, "pipeline");
-    let (_server, address) = server(&views, &url, &["--source-database-url", &app_url]);
+    let metrics_port = freshet_tests::free_port();
+    let metrics_listen = format!("127.0.0.1:{metrics_port}");
+    let (_server, address) = server(&views, &url, &["--source-database-url", &app_url, "--metrics-listen", &metrics_listen]);
     let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut inserted = Inserted::new();
@@ -149,5 +151,13 @@ async fn rows_written_to_postgres_are_served_exactly_through_debezium() {
     assert!(slot.active, "{slot:?}");
     assert!(slot.lag_bytes >= 0 && slot.lag_bytes < 64 << 20, "{slot:?}");
     assert!(slot.retained_bytes >= slot.lag_bytes, "{slot:?}");
+    // And as metrics, refreshed every 5 s.
+    let metrics = eventually(Duration::from_secs(15), || async {
+        let m = freshet_tests::scrape(metrics_port).await;
+        (m.get("freshet_source_replication_slot_active{slot=\"freshet_slot\"}") == Some(&1.0)).then_some(m)
+    })
+    .await
+    .expect("the slot is reported active in the metrics");
+    assert!(metrics.contains_key("freshet_source_replication_slot_lag_bytes{slot=\"freshet_slot\"}"));
     assert!(ingest_process.terminate().success());
 }
