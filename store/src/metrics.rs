@@ -15,8 +15,10 @@ use std::{
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Upper bounds of histogram buckets, in seconds (or records, for sizes).
-const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds of histogram buckets for durations, in seconds.
+const SECONDS: &[f64] = &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds of histogram buckets for sizes (records per batch).
+const SIZES: &[f64] = &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 50000.0];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -27,7 +29,7 @@ enum Kind {
 
 enum Series {
     Value(f64),
-    Histogram { counts: [u64; BUCKETS.len()], sum: f64, count: u64 },
+    Histogram { bounds: &'static [f64], counts: Vec<u64>, sum: f64, count: u64 },
 }
 
 struct Family {
@@ -57,7 +59,10 @@ impl Metrics {
         let mut families = self.families.lock().unwrap_or_else(|e| e.into_inner());
         let family = families.entry(name).or_insert_with(|| Family { help, kind, series: BTreeMap::new() });
         let series = family.series.entry(label_text(labels)).or_insert_with(|| match kind {
-            Kind::Histogram => Series::Histogram { counts: [0; BUCKETS.len()], sum: 0.0, count: 0 },
+            Kind::Histogram => {
+                let bounds = if name.ends_with("_seconds") { SECONDS } else { SIZES };
+                Series::Histogram { bounds, counts: vec![0; bounds.len()], sum: 0.0, count: 0 }
+            }
             _ => Series::Value(0.0),
         });
         update(series);
@@ -81,11 +86,12 @@ impl Metrics {
         });
     }
 
-    /// Records one observation in a histogram.
+    /// Records one observation in a histogram: seconds for names ending in
+    /// `_seconds`, sizes (counts of things) otherwise.
     pub fn observe(&self, name: &'static str, help: &'static str, labels: Labels<'_>, value: f64) {
         self.with(name, help, Kind::Histogram, labels, |s| {
-            if let Series::Histogram { counts, sum, count } = s {
-                for (bound, c) in BUCKETS.iter().zip(counts.iter_mut()) {
+            if let Series::Histogram { bounds, counts, sum, count } = s {
+                for (bound, c) in bounds.iter().zip(counts.iter_mut()) {
                     if value <= *bound {
                         *c += 1;
                     }
@@ -118,8 +124,8 @@ impl Metrics {
                     Series::Value(v) => {
                         let _ = writeln!(out, "{name}{} {v}", braces(""));
                     }
-                    Series::Histogram { counts, sum, count } => {
-                        for (bound, c) in BUCKETS.iter().zip(counts) {
+                    Series::Histogram { bounds, counts, sum, count } => {
+                        for (bound, c) in bounds.iter().zip(counts) {
                             let _ = writeln!(out, "{name}_bucket{} {c}", braces(&format!("le=\"{bound}\"")));
                         }
                         let _ = writeln!(out, "{name}_bucket{} {count}", braces("le=\"+Inf\""));
