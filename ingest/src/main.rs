@@ -84,9 +84,7 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    let _telemetry = freshet_store::telemetry::init("freshet-ingest").map_err(|e| anyhow::anyhow!(e))?;
     match Cli::parse().command {
         Command::Migrate { database_url } => Ok(db::migrate_command(&database_url).await?),
         Command::Run(args) => run(args).await,

@@ -301,7 +301,16 @@ impl Pipeline {
                 }
                 let items: Vec<&Item> = pending.iter().map(|(i, _)| i).collect();
                 let started = Instant::now();
-                let span = tracing::info_span!("commit", db.system = "postgresql", records = items.len());
+                let span = tracing::info_span!(
+                    "commit",
+                    otel.kind = "consumer",
+                    messaging.system = "kafka",
+                    messaging.operation.type = "process",
+                    messaging.consumer.group.name = self.group.as_str(),
+                    messaging.batch.message_count = items.len(),
+                    db.system.name = "postgresql",
+                );
+                link_producers(&span, &pending);
                 match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items).instrument(span).await {
                     Ok(progress) => {
                         self.note_commit(started.elapsed(), items.len(), &progress);
@@ -391,4 +400,28 @@ impl Pipeline {
 
 fn now_seconds() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Links a commit span to the traces of the records it applies (W3C
+/// `traceparent` in their headers): links, not a parent, since a batch has
+/// many. Capped, so one huge batch cannot make a huge span.
+fn link_producers(span: &tracing::Span, pending: &[(Item, Record)]) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    const MAX_LINKS: usize = 128;
+    let mut linked = 0;
+    for (_, record) in pending {
+        if linked == MAX_LINKS {
+            break;
+        }
+        if !record.headers.iter().any(|(k, _)| k == "traceparent") {
+            continue;
+        }
+        let cx = freshet_store::telemetry::extract(record.headers.iter().map(|(k, v)| (k.as_str(), v.as_slice())));
+        let producer = cx.span().span_context().clone();
+        if producer.is_valid() {
+            span.add_link(producer);
+            linked += 1;
+        }
+    }
 }

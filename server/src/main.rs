@@ -112,9 +112,7 @@ struct ServeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    let _telemetry = freshet_store::telemetry::init("freshet-server").map_err(|e| anyhow::anyhow!(e))?;
     match Cli::parse().command {
         Command::Migrate(args) => db::migrate_command(&args.database_url).await?,
         Command::Views(args) => {

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use freshet_store::{entities, entities::RowKey, state::EntityState, view::FeatureView};
 use sqlx::PgPool;
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::{
     cache::{Cache, Lookup},
@@ -49,7 +50,9 @@ impl Reader {
         rows.dedup();
         let mut found = HashMap::with_capacity(rows.len());
         let lookups = match &self.cache {
-            Some(cache) => cache.get(&rows).await.ok(),
+            Some(cache) => {
+                cache.get(&rows).instrument(tracing::info_span!("redis.get", db.system.name = "redis", rows = rows.len())).await.ok()
+            }
             None => None,
         };
         let Some(lookups) = lookups else {
@@ -93,6 +96,7 @@ impl Reader {
         views.dedup();
         keys.sort();
         keys.dedup();
-        entities::read(&self.pool, &views, &keys).await.map_err(unavailable)
+        let span = tracing::info_span!("postgres.read", db.system.name = "postgresql", db.operation.name = "SELECT", rows = rows.len());
+        entities::read(&self.pool, &views, &keys).instrument(span).await.map_err(unavailable)
     }
 }

@@ -5,7 +5,8 @@
 //!   its byte layout in Postgres and Redis.
 //! - [`db`], [`entities`], [`offsets`]: the Postgres store: schema,
 //!   per-entity feature state, and per-partition progress with fencing.
-//! - [`metrics`]: the Prometheus endpoint both binaries expose.
+//! - [`metrics`], [`telemetry`]: the Prometheus endpoint, logs and traces of
+//!   both binaries.
 
 pub mod codec;
 pub mod db;
@@ -13,4 +14,5 @@ pub mod entities;
 pub mod metrics;
 pub mod offsets;
 pub mod state;
+pub mod telemetry;
 pub mod view;

@@ -1,7 +1,8 @@
 //! The server's cross-cutting concerns, each a small tower layer, composed
 //! here and nowhere else. Outermost first:
 //!
-//! 0. [`metrics`]: every call counted by method and status, and timed.
+//! 0. [`trace`] and [`metrics`]: a span per call continuing the caller's
+//!    trace; every call counted by method and status, and timed.
 //! 1. [`deadline`]: the caller's `grpc-timeout` (or the server default) bounds
 //!    the call; expiry answers `DEADLINE_EXCEEDED`.
 //! 2. [`auth`]: when tokens are configured, a call without a valid bearer
@@ -16,6 +17,7 @@ pub mod auth;
 pub mod deadline;
 pub mod metrics;
 pub mod shed;
+pub mod trace;
 
 use std::time::Duration;
 
@@ -32,10 +34,14 @@ pub struct Limits {
     pub metrics: std::sync::Arc<freshet_store::metrics::Metrics>,
 }
 
-pub type Layers = Stack<shed::ShedLayer, Stack<auth::AuthLayer, Stack<deadline::DeadlineLayer, Stack<metrics::MetricsLayer, Identity>>>>;
+pub type Layers = Stack<
+    shed::ShedLayer,
+    Stack<auth::AuthLayer, Stack<deadline::DeadlineLayer, Stack<metrics::MetricsLayer, Stack<trace::TraceLayer, Identity>>>>,
+>;
 
 pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
     ServiceBuilder::new()
+        .layer(trace::TraceLayer)
         .layer(metrics::MetricsLayer::new(limits.metrics.clone()))
         .layer(deadline::DeadlineLayer::new(limits.default_deadline))
         .layer(auth::AuthLayer::new(limits.tokens.clone()))

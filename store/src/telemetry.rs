@@ -1,0 +1,96 @@
+//! Logs and traces, set up the same way by both binaries.
+//!
+//! Logs go to stdout through `tracing`, filtered by `RUST_LOG` (default
+//! `info`), as JSON when `FRESHET_LOG_FORMAT=json`.
+//!
+//! Traces are exported with OTLP over gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and are off otherwise.
+//! Everything else is the standard `OTEL_*` configuration: service name and
+//! resource attributes, sampler, batch processor. The batch processor
+//! exports from its own thread through a bounded queue
+//! (`OTEL_BSP_MAX_QUEUE_SIZE`): when the collector is slow, spans are
+//! dropped, never waited for, so tracing cannot stall a request or a commit.
+//!
+//! Trace context travels as W3C `traceparent`/`tracestate`, in Kafka record
+//! headers and in gRPC metadata; [`extract`] reads it from either.
+
+use opentelemetry::{
+    Context,
+    propagation::{Extractor, TextMapPropagator},
+    trace::TracerProvider as _,
+};
+use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// Flushes buffered spans when dropped (at the end of `main`).
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+/// Installs logging, and tracing export if configured, for `service`
+/// (the default service name when `OTEL_SERVICE_NAME` is not set).
+pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Error + Send + Sync>> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let json = std::env::var("FRESHET_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let logs = if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() };
+    let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"].iter().any(|v| std::env::var_os(v).is_some());
+    let provider = if endpoint {
+        let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
+        let mut resource = Resource::builder();
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name(service);
+        }
+        Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build())
+    } else {
+        None
+    };
+    let traces = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
+    tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init()?;
+    Ok(Telemetry { provider })
+}
+
+/// Reads W3C trace context from `(name, value)` pairs: Kafka headers or
+/// HTTP/2 (gRPC) headers.
+pub fn extract<'a>(headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> Context {
+    let carrier = Carrier(
+        headers.into_iter().filter(|(k, _)| k.eq_ignore_ascii_case("traceparent") || k.eq_ignore_ascii_case("tracestate")).collect(),
+    );
+    TraceContextPropagator::new().extract(&carrier)
+}
+
+struct Carrier<'a>(Vec<(&'a str, &'a [u8])>);
+
+impl Extractor for Carrier<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| *k).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::TraceContextExt;
+
+    #[test]
+    fn reads_traceparent_from_headers() {
+        let headers = [("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".as_bytes()), ("other", b"x")];
+        let cx = super::extract(headers);
+        let span = cx.span();
+        let sc = span.span_context();
+        assert!(sc.is_valid() && sc.is_remote());
+        assert_eq!(sc.trace_id().to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(sc.span_id().to_string(), "b7ad6b7169203331");
+        assert!(!super::extract([("traceparent", b"garbage".as_slice())]).span().span_context().is_valid());
+    }
+}
