@@ -188,9 +188,20 @@ where
 
 /// `freshet-server serve` on a free port; returns it with its address.
 pub fn server(views: &std::path::Path, database_url: &str, extra: &[&str]) -> (Process, std::net::SocketAddr) {
+    server_with_env(views, database_url, extra, &[])
+}
+
+/// `server` with extra environment variables (OTEL_*, say).
+pub fn server_with_env(
+    views: &std::path::Path,
+    database_url: &str,
+    extra: &[&str],
+    vars: &[(&str, &str)],
+) -> (Process, std::net::SocketAddr) {
     use std::io::BufRead;
     let mut process = Process::start(
         Command::new(binary("freshet-server"))
+            .envs(vars.iter().copied())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
@@ -280,4 +291,41 @@ pub async fn store_events(url: &str, view: &str, events: Vec<freshet_store::stat
     let rows: Vec<_> = states.into_iter().map(|(entity, s)| ((view.name.clone(), entity), s)).collect();
     freshet_store::entities::store(&mut tx, &rows).await.unwrap();
     tx.commit().await.unwrap();
+}
+
+/// A test-local OTLP/gRPC endpoint (the `TraceService` of the official
+/// opentelemetry-proto definitions, as an OpenTelemetry Collector serves it)
+/// that keeps every span it receives.
+#[derive(Clone, Default)]
+pub struct Collector {
+    pub spans: std::sync::Arc<std::sync::Mutex<Vec<opentelemetry_proto::tonic::trace::v1::Span>>>,
+}
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                spans.extend(scope.spans);
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// Starts a [`Collector`]; returns it with its endpoint URL.
+pub async fn start_collector() -> (Collector, String) {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let service = TraceServiceServer::new(collector.clone());
+    tokio::spawn(
+        tonic::transport::Server::builder().add_service(service).serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    (collector, format!("http://{address}"))
 }

@@ -223,6 +223,26 @@ async fn main() {
         }
     }
 
+    // Tracing on vs off: the same server and call, exporting every span to
+    // a local OTLP endpoint, against not exporting.
+    println!();
+    println!("Tracing overhead, GetFeatures 1 × 50, Postgres only:");
+    println!("| tracing | capacity (calls/s) | p50 ms | p99 ms | p99.9 ms |");
+    println!("|---|---|---|---|---|");
+    let (collector, endpoint) = freshet_tests::start_collector().await;
+    let exporting = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())];
+    for (name, vars) in [("off", &[][..]), ("on, every span exported over OTLP", &exporting[..])] {
+        let (_server, address) = freshet_tests::server_with_env(&views, &url, &["--max-in-flight", "10000"], vars);
+        let clients = Clients::connect(address).await;
+        let call = Call::Features { entities: 1, features: 50 };
+        capacity(&clients, call, 4).await;
+        let cap = capacity(&clients, call, 16).await;
+        let mut r = open_loop(&clients, call, cap / 2.0).await;
+        r.admitted.sort();
+        println!("| {name} | {cap:.0} | {} | {} | {} |", pct(&r.admitted, 0.5), pct(&r.admitted, 0.99), pct(&r.admitted, 0.999));
+    }
+    println!("({} spans received by the local collector)", collector.spans.lock().unwrap().len());
+
     // Overload: 5× capacity against a server that admits 8 calls at a time.
     let (_server, address) =
         server(&views, &url, &["--max-in-flight", "8", "--redis-url", &redis, "--cache-prefix", &prefix, "--cache-ttl-ms", "600000"]);
