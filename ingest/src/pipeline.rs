@@ -309,8 +309,10 @@ impl Pipeline {
                     messaging.consumer.group.name = self.group.as_str(),
                     messaging.batch.message_count = items.len(),
                     db.system.name = "postgresql",
+                    trace_id = tracing::field::Empty,
                 );
                 link_producers(&span, &pending);
+                freshet_store::telemetry::record_trace_id(&span);
                 match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items).instrument(span).await {
                     Ok(progress) => {
                         self.note_commit(started.elapsed(), items.len(), &progress);

@@ -1,7 +1,8 @@
 //! Logs and traces, set up the same way by both binaries.
 //!
 //! Logs go to stdout through `tracing`, filtered by `RUST_LOG` (default
-//! `info`), as JSON when `FRESHET_LOG_FORMAT=json`.
+//! `info`), as JSON when `FRESHET_LOG_FORMAT=json`; lines logged inside a
+//! call or a commit carry its `trace_id` when tracing is on.
 //!
 //! Traces are exported with OTLP over gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and are off otherwise.
@@ -55,6 +56,17 @@ pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Erro
     let traces = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
     tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init()?;
     Ok(Telemetry { provider })
+}
+
+/// Puts the span's trace id in its `trace_id` field, so that every log line
+/// inside it (JSON logs carry the current span's fields) names its trace.
+pub fn record_trace_id(span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let trace_id = span.context().span().span_context().trace_id();
+    if trace_id != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", tracing::field::display(trace_id));
+    }
 }
 
 /// Reads W3C trace context from `(name, value)` pairs: Kafka headers or

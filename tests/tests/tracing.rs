@@ -77,12 +77,13 @@ async fn a_record_and_a_call_carry_their_traces_through_freshet() {
     assert_eq!(hex(&link.span_id), PRODUCER_SPAN);
 
     // A call with a traceparent becomes a server span in the caller's trace,
-    // with the Postgres read as its child.
+    // with the Redis and Postgres reads as its descendants.
     let mut server = std::process::Command::new(freshet_tests::binary("freshet-server"));
     server
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .env_remove("FRESHET_REDIS_URL")
+        .args(["--redis-url", &freshet_tests::env("FRESHET_REDIS_URL"), "--cache-prefix", &unique("traced")])
         .env_remove("FRESHET_KAFKA_BROKERS")
+        .env("FRESHET_LOG_FORMAT", "json")
         .env("FRESHET_VIEWS", &path)
         .env("FRESHET_DATABASE_URL", &url)
         .env("RUST_LOG", "info")
@@ -111,14 +112,15 @@ async fn a_record_and_a_call_carry_their_traces_through_freshet() {
     request.metadata_mut().insert("traceparent", format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01").parse().unwrap());
     client.get_features(request).await.unwrap();
 
-    let (call, read) = eventually(Duration::from_secs(30), || async {
+    let (call, read, cache) = eventually(Duration::from_secs(30), || async {
         let spans = collector.spans.lock().unwrap();
         let call = spans.iter().find(|s| hex(&s.trace_id) == CALLER_TRACE && hex(&s.parent_span_id) == CALLER_SPAN)?.clone();
         let read = spans.iter().find(|s| s.name == "postgres.read" && s.trace_id == call.trace_id)?.clone();
-        Some((call, read))
+        let cache = spans.iter().find(|s| s.name == "redis.get" && s.trace_id == call.trace_id)?.clone();
+        Some((call, read, cache))
     })
     .await
-    .expect("a server span in the caller's trace, with a Postgres child");
+    .expect("a server span in the caller's trace, with Redis and Postgres children");
     assert_eq!(call.name, "freshet.v1.FeatureService/GetFeatures");
     assert_eq!(call.kind, opentelemetry_proto::tonic::trace::v1::span::SpanKind::Server as i32);
     let attribute = |span: &Span, key: &str| {
@@ -126,13 +128,15 @@ async fn a_record_and_a_call_carry_their_traces_through_freshet() {
     };
     assert!(attribute(&call, "rpc.method").unwrap().contains("GetFeatures"));
     assert!(attribute(&call, "rpc.grpc.status_code").unwrap().contains("IntValue(0)"), "{:?}", call.attributes);
-    // The read descends from the call (through the handler's span).
+    // The reads descend from the call (through the handler's span).
     let spans = collector.spans.lock().unwrap().clone();
-    let mut parent = read.parent_span_id.clone();
-    let mut hops = 0;
-    while parent != call.span_id && hops < 5 {
-        parent = spans.iter().find(|s| s.span_id == parent).map(|s| s.parent_span_id.clone()).unwrap_or_default();
-        hops += 1;
+    for child in [&read, &cache] {
+        let mut parent = child.parent_span_id.clone();
+        let mut hops = 0;
+        while parent != call.span_id && hops < 5 {
+            parent = spans.iter().find(|s| s.span_id == parent).map(|s| s.parent_span_id.clone()).unwrap_or_default();
+            hops += 1;
+        }
+        assert_eq!(parent, call.span_id, "{} should descend from the server span", child.name);
     }
-    assert_eq!(parent, call.span_id, "postgres.read should descend from the server span");
 }

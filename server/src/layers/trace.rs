@@ -51,9 +51,11 @@ where
             rpc.service = %service,
             rpc.method = %method,
             rpc.grpc.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
         let parent = freshet_store::telemetry::extract(request.headers().iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
         let _ = span.set_parent(parent);
+        freshet_store::telemetry::record_trace_id(&span);
         let call = self.inner.call(request);
         let recorder = span.clone();
         Box::pin(
