@@ -1,7 +1,7 @@
 //! Ingest benchmark: exactly-once ingest beside a raw rdkafka consume-only
 //! loop on the same topic, same machine, same run.
 //!
-//! Run through `tests/bench/ingest.sh` (release build, services started).
+//! Run through `tests/bench/run.sh ingest` (release build, services started).
 //! Produces N Debezium-shaped `user_events` change events (committed in
 //! transactions, as Debezium with exactly-once writes them), then:
 //! - baseline: a `BaseConsumer` with read_committed that only counts records;

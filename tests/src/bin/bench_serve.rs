@@ -1,7 +1,7 @@
 //! Serving benchmark: GetFeatures beside an empty tonic RPC (the server's own
 //! `grpc.health.v1.Health/Check`), same server, same machine, same run.
 //!
-//! Run through `tests/bench/serve.sh` (release build, services started).
+//! Run through `tests/bench/run.sh serve` (release build, services started).
 //! Measures, for 1 entity × 50 features and 100 entities × 10 features, with
 //! the Redis cache warm (hit) and without Redis (every read from Postgres):
 //! capacity (closed loop, 16 callers), then latency at half of capacity
