@@ -477,10 +477,12 @@ EXPORTED = {
     "freshet_server_shed_calls_total": ("counter", set()),
     "freshet_server_cache_reads_total": ("counter", {"outcome"}),
     "freshet_server_cache_degraded": ("gauge", set()),
+    "freshet_source_replication_slot_lag_bytes": ("gauge", {"slot"}),
+    "freshet_source_replication_slot_retained_bytes": ("gauge", {"slot"}),
+    "freshet_source_replication_slot_active": ("gauge", {"slot"}),
 }
-# Not Freshet's: Prometheus' own series per scrape target, and the source's
-# slot lag from a postgres_exporter custom query (not deployed here).
-OTHERS = {"up": set(), "pg_replication_slot_lag_bytes": {"slot_name"}}
+# Not Freshet's: Prometheus' own series per scrape target.
+OTHERS = {"up": set()}
 TARGET = {"job", "instance"}  # added by Prometheus to every scraped series
 VALUES = {"outcome": {"hit", "partial", "miss", "bypassed"}}
 
