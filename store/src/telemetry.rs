@@ -4,7 +4,8 @@
 //! `info`), as JSON when `FRESHET_LOG_FORMAT=json`; lines logged inside a
 //! call or a commit carry its `trace_id` when tracing is on.
 //!
-//! Traces are exported with OTLP over gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
+//! Traces (spans at `FRESHET_TRACE_FILTER`, default `info`, whatever
+//! `RUST_LOG` says) are exported with OTLP over gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
 //! (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, and are off otherwise.
 //! Everything else is the standard `OTEL_*` configuration: service name and
 //! resource attributes, sampler, batch processor. The batch processor
@@ -39,9 +40,12 @@ impl Drop for Telemetry {
 /// Installs logging, and tracing export if configured, for `service`
 /// (the default service name when `OTEL_SERVICE_NAME` is not set).
 pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Error + Send + Sync>> {
+    // Each layer has its own filter: quieting logs (RUST_LOG=warn) must not
+    // silence the traces an operator asked for.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let json = std::env::var("FRESHET_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let logs = if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() };
+    let logs =
+        if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() }.with_filter(filter);
     let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"].iter().any(|v| std::env::var_os(v).is_some());
     let provider = if endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
@@ -53,8 +57,10 @@ pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Erro
     } else {
         None
     };
-    let traces = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
-    tracing_subscriber::registry().with(filter).with(logs).with(traces).try_init()?;
+    let span_filter = std::env::var("FRESHET_TRACE_FILTER").unwrap_or_else(|_| "info".into());
+    let traces =
+        provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)).with_filter(EnvFilter::new(span_filter)));
+    tracing_subscriber::registry().with(logs).with(traces).try_init()?;
     Ok(Telemetry { provider })
 }
 

@@ -45,7 +45,7 @@ async fn a_record_and_a_call_carry_their_traces_through_freshet() {
         .env("FRESHET_DATABASE_URL", &url)
         .env("FRESHET_KAFKA_BROKERS", brokers())
         .env("FRESHET_GROUP", &group)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null());
     otel(&mut ingest);
     let _ingest = freshet_tests::Process::start(&mut ingest);
@@ -86,7 +86,7 @@ async fn a_record_and_a_call_carry_their_traces_through_freshet() {
         .env("FRESHET_LOG_FORMAT", "json")
         .env("FRESHET_VIEWS", &path)
         .env("FRESHET_DATABASE_URL", &url)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped());
     otel(&mut server);
     let mut server = freshet_tests::Process::start(&mut server);
