@@ -12,10 +12,30 @@ use crate::{codec, state::EntityState};
 /// Identifies a row: (view name, canonical entity key).
 pub type RowKey = (String, String);
 
-/// Locks and reads the rows of `keys` for a read-modify-write in `tx`. Rows
-/// are locked in key order, so concurrent batches cannot deadlock.
+/// Locks and reads the rows of `keys` for a read-modify-write in `tx`.
+///
+/// `FOR UPDATE` locks only rows that exist: two transactions that both find
+/// no row for a new entity would both start from an empty state, and the
+/// second write would replace the first's events (a lost update). So every
+/// missing row is inserted first, empty, with `ON CONFLICT DO NOTHING`: a
+/// transaction that meets another's uncommitted insert of the same key waits
+/// for it to end, and then reads and locks the committed row. Inserts and
+/// locks both go in key order, so concurrent batches cannot deadlock. Empty
+/// rows never outlive the transaction unwritten: `store` writes every key.
 pub async fn load_for_update(tx: &mut PgConnection, keys: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
     let (views, entities): (Vec<&str>, Vec<&str>) = keys.iter().map(|(v, e)| (v.as_str(), e.as_str())).unzip();
+    sqlx::query(
+        "INSERT INTO feature_state (view, entity, state, newest_event_at)
+         SELECT k.view, k.entity, $3, to_timestamp(0)
+         FROM UNNEST($1::text[], $2::text[]) AS k(view, entity)
+         ORDER BY k.view, k.entity
+         ON CONFLICT (view, entity) DO NOTHING",
+    )
+    .bind(&views)
+    .bind(&entities)
+    .bind(codec::encode(&EntityState::default()))
+    .execute(&mut *tx)
+    .await?;
     let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
         "SELECT s.view, s.entity, s.state FROM feature_state s
          JOIN UNNEST($1::text[], $2::text[]) AS k(view, entity) ON s.view = k.view AND s.entity = k.entity

@@ -5,6 +5,8 @@
 //! Tests are parallel-safe: each gets its own database, topics, consumer
 //! group and server port.
 
+pub mod acts;
+
 use std::{
     path::PathBuf,
     process::{Child, Command, Stdio},

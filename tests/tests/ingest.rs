@@ -9,7 +9,10 @@ use freshet_store::{
     state::{Reading, Scalar},
     view::Catalog,
 };
-use freshet_tests::{brokers, create_topic, eventually, fresh_database, ingest, unique, views_file};
+use freshet_tests::{
+    acts::{Act, applied, produce_transactions, random_acts, reference, stored, views},
+    brokers, create_topic, eventually, fresh_database, ingest, unique, views_file,
+};
 use rand::{Rng, SeedableRng};
 use rdkafka::{
     ClientConfig, Message,
@@ -17,161 +20,6 @@ use rdkafka::{
     message::Headers,
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
-
-fn views(topic: &str) -> String {
-    format!(
-        r#"
-[[view]]
-name = "acts"
-entity = "user"
-entity_type = "int64"
-max_age = "3650d"
-freshness_budget = "5s"
-allowed_lateness = "3650d"
-[view.source]
-topics = ["{topic}"]
-format = "json"
-event_time = "at"
-dlq_topic = "{topic}.dlq"
-[[view.feature]]
-name = "n"
-aggregation = "count"
-window = "3650d"
-[[view.feature]]
-name = "total"
-aggregation = "sum"
-field = "amount"
-type = "int64"
-window = "3650d"
-[[view.feature]]
-name = "biggest"
-aggregation = "max"
-field = "amount"
-type = "int64"
-window = "3650d"
-[[view.feature]]
-name = "last_amount"
-aggregation = "last"
-field = "amount"
-type = "int64"
-[[view.feature]]
-name = "last_note"
-aggregation = "last"
-field = "note"
-type = "string"
-"#
-    )
-}
-
-#[derive(Clone, Copy)]
-struct Act {
-    user: i64,
-    at_ms: i64,
-    amount: i64,
-}
-
-impl Act {
-    fn json(&self) -> String {
-        format!(r#"{{"user": {}, "at": {}, "amount": {}, "extra": "ignored"}}"#, self.user, self.at_ms, self.amount)
-    }
-}
-
-/// Per user: (count, sum, max, amount of the newest act), computed from the
-/// committed acts alone, without any of Freshet's code.
-fn reference(acts: &[Act]) -> BTreeMap<i64, (i64, i64, i64, i64)> {
-    let mut by_user: BTreeMap<i64, Vec<Act>> = BTreeMap::new();
-    for a in acts {
-        by_user.entry(a.user).or_default().push(*a);
-    }
-    by_user
-        .into_iter()
-        .map(|(user, acts)| {
-            let newest = acts.iter().max_by_key(|a| a.at_ms).unwrap();
-            (user, (acts.len() as i64, acts.iter().map(|a| a.amount).sum(), acts.iter().map(|a| a.amount).max().unwrap(), newest.amount))
-        })
-        .collect()
-}
-
-/// What the store holds, read with the server's code path.
-async fn stored(url: &str, views_text: &str, users: &[i64]) -> BTreeMap<i64, (i64, i64, i64, i64)> {
-    let catalog = Catalog::parse(views_text, "test").unwrap();
-    let view = &catalog.views[0];
-    let pool = sqlx::PgPool::connect(url).await.unwrap();
-    let keys: Vec<String> = users.iter().map(i64::to_string).collect();
-    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let states = entities::read(&pool, &["acts"], &key_refs).await.unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let int = |r: Reading| match r {
-        Reading::Value { value: Scalar::Int(i), .. } => i,
-        other => panic!("expected an int, got {other:?}"),
-    };
-    states
-        .into_iter()
-        .map(|((_, entity), s)| {
-            let f = |name: &str| int(s.read(view.feature(name).unwrap(), now));
-            (entity.parse().unwrap(), (f("n"), f("total"), f("biggest"), f("last_amount")))
-        })
-        .collect()
-}
-
-async fn applied(url: &str, group: &str) -> i64 {
-    let pool = sqlx::PgPool::connect(url).await.unwrap();
-    sqlx::query_scalar("SELECT coalesce(sum(records_applied), 0)::int8 FROM ingest_offsets WHERE consumer_group = $1")
-        .bind(group)
-        .fetch_one(&pool)
-        .await
-        .unwrap()
-}
-
-/// Produces `acts` in transactions of `per_tx`, aborting about one in
-/// `abort_one_in`; returns the acts of committed transactions.
-fn produce_transactions(topic: &str, acts: Vec<Act>, per_tx: usize, abort_one_in: u32, seed: u64) -> Vec<Act> {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("transactional.id", unique("producer"))
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    producer.init_transactions(Duration::from_secs(30)).unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut committed = Vec::new();
-    for chunk in acts.chunks(per_tx) {
-        producer.begin_transaction().unwrap();
-        for act in chunk {
-            let key = act.user.to_string();
-            let value = act.json();
-            let mut record = BaseRecord::to(topic).key(&key).payload(&value);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        // Queue full: let it drain.
-                        producer.poll(Duration::from_millis(10));
-                        record = r;
-                    }
-                }
-            }
-        }
-        producer.flush(Duration::from_secs(30)).unwrap();
-        if rng.random_ratio(1, abort_one_in) {
-            producer.abort_transaction(Duration::from_secs(30)).unwrap();
-        } else {
-            producer.commit_transaction(Duration::from_secs(30)).unwrap();
-            committed.extend_from_slice(chunk);
-        }
-    }
-    committed
-}
-
-fn random_acts(n: usize, users: i64, seed: u64) -> Vec<Act> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let base = 1_700_000_000_000i64;
-    // Unique event times, shuffled: arrival order is not event-time order.
-    let mut times: Vec<i64> = (0..n as i64).map(|i| base + i * 7).collect();
-    use rand::seq::SliceRandom;
-    times.shuffle(&mut rng);
-    times.into_iter().map(|at_ms| Act { user: rng.random_range(1..=users), at_ms, amount: rng.random_range(-50..1000) }).collect()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn aborted_transactions_are_never_applied() {
@@ -183,7 +31,7 @@ async fn aborted_transactions_are_never_applied() {
     let (_dir, path) = views_file(&text);
     let _ingest = ingest(&path, &url, &group, "one");
 
-    let acts = random_acts(3000, 40, 1);
+    let acts = random_acts(3000, 40, u32::MAX, 1);
     let committed = tokio::task::spawn_blocking({
         let topic = topic.clone();
         move || produce_transactions(&topic, acts, 50, 3, 2)
@@ -211,7 +59,7 @@ async fn sigkill_at_random_points_loses_nothing_and_doubles_nothing() {
     let text = views(&topic);
     let (_dir, path) = views_file(&text);
 
-    let acts = random_acts(20_000, 200, 3);
+    let acts = random_acts(20_000, 200, u32::MAX, 3);
     let producer = tokio::task::spawn_blocking({
         let topic = topic.clone();
         move || produce_transactions(&topic, acts, 200, 5, 4)
@@ -343,7 +191,7 @@ async fn two_instances_share_partitions_through_restarts_and_kills() {
     let text = views(&topic);
     let (_dir, path) = views_file(&text);
 
-    let acts = random_acts(20_000, 100, 11);
+    let acts = random_acts(20_000, 100, u32::MAX, 11);
     let producer = tokio::task::spawn_blocking({
         let topic = topic.clone();
         move || produce_transactions(&topic, acts, 100, 6, 12)
@@ -407,7 +255,7 @@ async fn a_postgres_outage_pauses_ingest_which_then_resumes_exactly() {
     let mut process = ingest(&path, &url, &group, "one");
     let pid = process.child.id();
 
-    let acts = random_acts(30_000, 50, 21);
+    let acts = random_acts(30_000, 50, u32::MAX, 21);
     let producer = tokio::task::spawn_blocking({
         let topic = topic.clone();
         move || produce_transactions(&topic, acts, 500, 8, 22)
@@ -447,14 +295,20 @@ async fn freshness_reports_lag_against_the_broker_when_ingest_stops() {
     let group = unique("g");
     let text = views(&topic);
     let (_dir, path) = views_file(&text);
-    let mut process = ingest(&path, &url, &group, "one");
+    let metrics_port = freshet_tests::free_port();
+    let listen = format!("127.0.0.1:{metrics_port}");
+    let mut process = freshet_tests::ingest_with(&path, &url, &group, "one", &["--metrics-listen", &listen]);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-    let batch = |from: i64| (from..from + 10).map(|i| Act { user: 1, at_ms: now + i, amount: 1 }).collect::<Vec<_>>();
-    let produce = |acts: Vec<Act>| {
+    let batch = |from: i64| (from..from + 10).map(|i| Act::new(1, now + i, 1)).collect::<Vec<_>>();
+    let produce = |acts: Vec<Act>, abort_one_in: u32| {
         let topic = topic.clone();
-        tokio::task::spawn_blocking(move || produce_transactions(&topic, acts, 100, u32::MAX, 1))
+        tokio::task::spawn_blocking(move || produce_transactions(&topic, acts, 10, abort_one_in, 1))
     };
-    produce(batch(0)).await.unwrap();
+    // One committed transaction (offsets 0-9, its marker at 10), then two
+    // aborted ones (11-20 and their marker, 22-31 and theirs): the log ends
+    // at 33, and read_committed delivers nothing past offset 9.
+    produce(batch(0), u32::MAX).await.unwrap();
+    assert!(produce([batch(100), batch(110)].concat(), 1).await.unwrap().is_empty(), "both transactions aborted");
     eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= 10).then_some(()) }).await.expect("applied");
 
     let (_server, address) = freshet_tests::server(&path, &url, &["--group", &group, "--kafka-brokers", &brokers()]);
@@ -464,12 +318,25 @@ async fn freshness_reports_lag_against_the_broker_when_ingest_stops() {
         let view = r.views[0].clone();
         (view.verdict(), view.partitions[0].lag_records, view.partitions[0].committed_offset)
     };
-    let (verdict, lag, committed) = freshness(client.clone()).await;
-    assert_eq!((verdict, committed), (FreshnessVerdict::Fresh, 10), "caught up (lag {lag}: the commit marker)");
+    // Caught up means lag 0 and FRESH, markers and aborted records included.
+    let caught_up = eventually(Duration::from_secs(30), || {
+        let client = client.clone();
+        async move {
+            let (verdict, lag, committed) = freshness(client).await;
+            (committed == 33).then_some((verdict, lag))
+        }
+    })
+    .await;
+    assert_eq!(caught_up, Some((FreshnessVerdict::Fresh, 0)), "the committed position moves past markers and aborted records");
+    let metrics = freshet_tests::scrape(metrics_port).await;
+    let labels = format!("{{topic=\"{topic}\",partition=\"0\"}}");
+    assert_eq!(metrics.get(&format!("freshet_ingest_consumer_lag_records{labels}")), Some(&0.0), "{metrics:?}");
+    assert_eq!(metrics.get(&format!("freshet_ingest_committed_offset{labels}")), Some(&33.0));
+    assert_eq!(applied(&url, &group).await, 10, "nothing aborted was applied");
 
     // Ingest stops; the source moves on. The server sees it from the broker.
     process.kill();
-    produce(batch(10)).await.unwrap();
+    produce(batch(10), u32::MAX).await.unwrap();
     let (verdict, lag) = eventually(Duration::from_secs(10), || {
         let client = client.clone();
         async move {
@@ -500,10 +367,10 @@ async fn events_later_than_the_allowed_lateness_are_counted_not_windowed() {
     let _ingest = ingest(&path, &url, &group, "one");
     let t0 = 1_700_000_000_000i64;
     let acts = vec![
-        Act { user: 1, at_ms: t0, amount: 1 },
-        Act { user: 1, at_ms: t0 - 30_000, amount: 2 }, // late, within a minute: counted in windows
-        Act { user: 1, at_ms: t0 - 120_000, amount: 4 }, // too late: kept out of windows
-        Act { user: 1, at_ms: t0 + 1, amount: 8 },
+        Act::new(1, t0, 1),
+        Act::new(1, t0 - 30_000, 2),  // late, within a minute: counted in windows
+        Act::new(1, t0 - 120_000, 4), // too late: kept out of windows
+        Act::new(1, t0 + 1, 8),
     ];
     tokio::task::spawn_blocking({
         let topic = topic.clone();
@@ -521,4 +388,79 @@ async fn events_later_than_the_allowed_lateness_are_counted_not_windowed() {
         .await
         .unwrap();
     assert_eq!(late, 1);
+}
+
+/// Two instances commit, at the same moment, events of the same entities,
+/// none of which has a row yet (issue 10). The overlap is forced: a test
+/// transaction holds partition 0's offsets row, so the instance owning it
+/// parks its commit after writing the new entities' state; the other
+/// instance's commit of the same entities then runs into it. Released, both
+/// must land in full: the second reads what the first wrote.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_commits_of_the_same_new_entities_lose_nothing() {
+    let topic = unique("overlap");
+    create_topic(&topic, 2).await;
+    let url = fresh_database().await;
+    let group = unique("g");
+    let text = views(&topic);
+    let (_dir, path) = views_file(&text);
+    let _a = ingest(&path, &url, &group, "a");
+    let _b = ingest(&path, &url, &group, "b");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let owners = || async {
+        let owners: Vec<String> = sqlx::query_scalar("SELECT owner FROM ingest_offsets WHERE consumer_group = $1 ORDER BY partition")
+            .bind(&group)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        (owners.len() == 2 && owners[0] != owners[1]).then_some(())
+    };
+    eventually(Duration::from_secs(60), owners).await.expect("each instance owns one partition");
+
+    let users: Vec<i64> = (1..=50).collect();
+    let acts = |partition: i64| -> Vec<Act> {
+        users.iter().flat_map(|&u| (0..3).map(move |i| Act::new(u, 1_700_000_000_000 + u * 1000 + partition * 10 + i, u + i))).collect()
+    };
+    let produce = |partition: i32, acts: Vec<Act>| {
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || {
+            let producer: ThreadedProducer<DefaultProducerContext> =
+                ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+            for act in &acts {
+                let (key, value) = (act.key(), act.json());
+                producer.send(BaseRecord::to(&topic).partition(partition).key(&key).payload(&value)).unwrap();
+            }
+            producer.flush(Duration::from_secs(10)).unwrap();
+        })
+    };
+    let waiting = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
+    let mut hold = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM ingest_offsets WHERE consumer_group = $1 AND partition = 0 FOR UPDATE")
+        .bind(&group)
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let (first, second) = (acts(0), acts(1));
+    produce(0, first.clone()).await.unwrap();
+    eventually(Duration::from_secs(60), || async { (waiting().await >= 1).then_some(()) }).await.expect("partition 0's commit waits");
+    produce(1, second.clone()).await.unwrap();
+    eventually(Duration::from_secs(60), || async { (waiting().await >= 2).then_some(()) })
+        .await
+        .expect("partition 1's commit runs into partition 0's");
+    hold.rollback().await.unwrap();
+
+    let all: Vec<Act> = first.into_iter().chain(second).collect();
+    let expected = all.len() as i64;
+    eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= expected).then_some(()) })
+        .await
+        .unwrap_or_else(|| panic!("ingest did not apply {expected} records"));
+    assert_eq!(stored(&url, &text, &users).await, reference(&all), "no event of a new entity lost to a concurrent commit");
 }
