@@ -8,8 +8,13 @@
 //! dropped: applying an offset twice is impossible by construction, and the
 //! compare-and-set in the commit catches the rest.
 //!
+//! A batch also carries the partitions whose consumer position moved past
+//! offsets that are never delivered (transaction markers, aborted records):
+//! committing those positions is what lets a fully applied partition reach
+//! the end of its log.
+//!
 //! A batch closes when it holds `max_records` or `max_bytes`, or `linger`
-//! after its first record. Batches are therefore small when ingest is caught
+//! after its first record or position. Batches are therefore small when ingest is caught
 //! up (freshness) and grow to the bound while it catches up (throughput),
 //! since records accumulate while a commit is in flight.
 
@@ -33,7 +38,7 @@ use tracing::Instrument;
 use crate::{
     backoff::Backoff,
     sink::{
-        commit::{self, CommitError, Failure, Item, Owned},
+        commit::{self, CommitError, Failure, Item, Owned, Skips},
         dlq::{DeadLetterQueue, Reason},
     },
     source::{Command, Record, SharedInFlight, SourceEvent, Start, StartPolicy, TopicPartition},
@@ -63,6 +68,8 @@ pub struct Pipeline {
     /// Next offset to accept per owned partition (`None`: the first that comes).
     position: HashMap<TopicPartition, Option<i64>>,
     batch: Vec<Record>,
+    /// Positions past undelivered offsets, committed with the batch.
+    skips: Skips,
     batch_bytes: usize,
     batch_started: Instant,
     slow_commits: u32,
@@ -98,6 +105,7 @@ impl Pipeline {
             owned: HashMap::new(),
             position: HashMap::new(),
             batch: Vec::new(),
+            skips: Skips::new(),
             batch_bytes: 0,
             batch_started: Instant::now(),
             slow_commits: 0,
@@ -112,7 +120,7 @@ impl Pipeline {
                 biased;
                 _ = &mut shutdown => break,
                 event = events.recv() => event,
-                _ = tokio::time::sleep_until(linger_end), if !self.batch.is_empty() => {
+                _ = tokio::time::sleep_until(linger_end), if !self.batch_is_empty() => {
                     self.flush().await;
                     continue;
                 }
@@ -124,6 +132,9 @@ impl Pipeline {
                     if self.batch.len() >= self.limits.max_records || self.batch_bytes >= self.limits.max_bytes {
                         self.flush().await;
                     }
+                }
+                Some(SourceEvent::Progress { partition, next_offset, high_watermark }) => {
+                    self.skip(partition, next_offset, high_watermark);
                 }
                 Some(SourceEvent::Assign { partitions, reply }) => {
                     self.flush().await;
@@ -150,9 +161,27 @@ impl Pipeline {
                 SourceEvent::Revoke { reply, .. } => {
                     let _ = reply.send(());
                 }
-                SourceEvent::Assign { .. } => {}
+                SourceEvent::Assign { .. } | SourceEvent::Progress { .. } => {}
             }
         }
+    }
+
+    fn batch_is_empty(&self) -> bool {
+        self.batch.is_empty() && self.skips.is_empty()
+    }
+
+    /// Moves an owned partition's next offset past offsets the consumer
+    /// skipped without delivering them.
+    fn skip(&mut self, tp: TopicPartition, next_offset: i64, high_watermark: i64) {
+        let Some(next) = self.position.get_mut(&tp) else { return };
+        if next.is_some_and(|n| next_offset <= n) {
+            return;
+        }
+        *next = Some(next_offset);
+        if self.batch_is_empty() {
+            self.batch_started = Instant::now();
+        }
+        self.skips.insert(tp, (next_offset, high_watermark));
     }
 
     fn accept(&mut self, record: Record) {
@@ -168,7 +197,7 @@ impl Pipeline {
             self.in_flight.release(1, record.size());
             return;
         }
-        if self.batch.is_empty() {
+        if self.batch_is_empty() {
             self.batch_started = Instant::now();
         }
         self.batch_bytes += record.size();
@@ -219,10 +248,11 @@ impl Pipeline {
     /// or its partitions are lost.
     #[tracing::instrument(name = "batch", skip_all, fields(records = self.batch.len(), bytes = self.batch_bytes))]
     async fn flush(&mut self) {
-        if self.batch.is_empty() {
+        if self.batch_is_empty() {
             return;
         }
         let records = std::mem::take(&mut self.batch);
+        let skips = std::mem::take(&mut self.skips);
         let bytes = std::mem::replace(&mut self.batch_bytes, 0);
         let count = records.len();
         let mut pending = Vec::with_capacity(count);
@@ -230,7 +260,7 @@ impl Pipeline {
             let item = self.decode(&record).await;
             pending.push((item, record));
         }
-        self.commit(pending).await;
+        self.commit(pending, skips).await;
         self.in_flight.release(count, bytes);
     }
 
@@ -288,15 +318,16 @@ impl Pipeline {
         });
     }
 
-    /// Commits `pending` (items with their records), retrying transient
-    /// failures forever, isolating records Postgres rejects, and dropping
-    /// partitions another owner has claimed.
-    fn commit(&mut self, mut pending: Vec<(Item, Record)>) -> Boxed<'_> {
+    /// Commits `pending` (items with their records) and `skips`, retrying
+    /// transient failures forever, isolating records Postgres rejects, and
+    /// dropping partitions another owner has claimed.
+    fn commit(&mut self, mut pending: Vec<(Item, Record)>, mut skips: Skips) -> Boxed<'_> {
         Box::pin(async move {
             let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
             loop {
                 pending.retain(|(i, _)| self.owned.contains_key(&(i.topic.clone(), i.partition)));
-                if pending.is_empty() {
+                skips.retain(|tp, _| self.owned.contains_key(tp));
+                if pending.is_empty() && skips.is_empty() {
                     return;
                 }
                 let items: Vec<&Item> = pending.iter().map(|(i, _)| i).collect();
@@ -313,7 +344,7 @@ impl Pipeline {
                 );
                 link_producers(&span, &pending);
                 freshet_store::telemetry::record_trace_id(&span);
-                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items).instrument(span).await {
+                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items, &skips).instrument(span).await {
                     Ok(progress) => {
                         self.note_commit(started.elapsed(), items.len(), &progress);
                         self.owned.extend(progress.into_iter().map(|(tp, (owned, _))| (tp, owned)));
@@ -327,7 +358,7 @@ impl Pipeline {
                         }
                     }
                     Err(CommitError::Sql(e)) if commit::classify(&e) == Failure::Data => {
-                        self.isolate(pending, &e).await;
+                        self.isolate(pending, skips, &e).await;
                         return;
                     }
                     Err(CommitError::Sql(e)) => {
@@ -343,18 +374,19 @@ impl Pipeline {
     }
 
     /// Postgres rejected something in `pending`: split until the record at
-    /// fault is alone, dead-letter it, commit the rest, in offset order.
-    async fn isolate(&mut self, mut pending: Vec<(Item, Record)>, error: &sqlx::Error) {
+    /// fault is alone, dead-letter it, commit the rest, in offset order (the
+    /// skips, past every record of their partitions, go last).
+    async fn isolate(&mut self, mut pending: Vec<(Item, Record)>, skips: Skips, error: &sqlx::Error) {
         if pending.len() == 1 {
             let (item, record) = &mut pending[0];
             let dlq = self.catalog.views_of_topic(&record.topic).next().map(|v| v.dlq_topic(&record.topic)).unwrap_or_default();
             self.dead_letter(item, record, &dlq, "SINK", "freshet.sink.Rejected", &error.to_string()).await;
-            self.commit(pending).await;
+            self.commit(pending, skips).await;
             return;
         }
         let second = pending.split_off(pending.len() / 2);
-        self.commit(pending).await;
-        self.commit(second).await;
+        self.commit(pending, Skips::new()).await;
+        self.commit(second, skips).await;
     }
 
     /// Commit latency drives flow control; the rest is for operators.

@@ -18,9 +18,9 @@ pub fn verdict(p: &PartitionStatus, budget: Duration, now_ms: i64) -> FreshnessV
         return FreshnessVerdict::Unknown;
     };
     let budget_ms = budget.as_millis() as i64;
-    // A transactional producer leaves a control record after each commit, so
-    // one record of lag is "caught up".
-    if lag(p) <= 1 {
+    // Ingest commits the consumer's position, which moves past transaction
+    // markers and aborted records: a caught-up partition has no lag at all.
+    if lag(p) == 0 {
         return FreshnessVerdict::Fresh;
     }
     let age_ms = p.newest_event_ms.map_or(i64::MAX, |t| now_ms - t);
@@ -72,7 +72,7 @@ mod tests {
         let budget = Duration::from_secs(5);
         let now = 100_000;
         assert_eq!(verdict(&status(10, 10, Some(0), Some(0)), budget, now), FreshnessVerdict::Fresh);
-        assert_eq!(verdict(&status(10, 11, Some(0), Some(0)), budget, now), FreshnessVerdict::Fresh);
+        assert_eq!(verdict(&status(10, 11, Some(now - 1000), Some(now - 100)), budget, now), FreshnessVerdict::Lagging);
         assert_eq!(verdict(&status(10, 50, Some(now - 1000), Some(now - 100)), budget, now), FreshnessVerdict::Lagging);
         assert_eq!(verdict(&status(10, 50, Some(now - 9000), Some(now - 100)), budget, now), FreshnessVerdict::Stale);
         assert_eq!(verdict(&status(10, 50, Some(now - 9000), Some(now - 9000)), budget, now), FreshnessVerdict::Stalled);

@@ -106,7 +106,7 @@ impl FeatureService for Features {
                     .collect();
                 let age_ms = statuses
                     .iter()
-                    .filter(|p| view.source.topics.contains(&p.topic) && freshness::lag(p) > 1)
+                    .filter(|p| view.source.topics.contains(&p.topic) && freshness::lag(p) > 0)
                     .map(|p| p.newest_event_ms.map_or(0, |t| (now_ms - t).max(0)))
                     .max()
                     .unwrap_or(0);

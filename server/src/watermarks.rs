@@ -30,7 +30,8 @@ impl Watermarks {
 
     /// Polls the broker for every partition of `topics` until the process ends.
     pub fn follow(&self, brokers: &str, topics: Vec<String>) -> anyhow::Result<()> {
-        let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create()?;
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", brokers).set("isolation.level", "read_committed").create()?;
         let latest = self.latest.clone();
         std::thread::Builder::new().name("watermarks".into()).spawn(move || {
             loop {

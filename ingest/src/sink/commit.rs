@@ -29,6 +29,11 @@ pub struct Owned {
     pub newest_ms: Option<i64>,
 }
 
+/// Per partition, a position past offsets that are never delivered
+/// (transaction markers, aborted records), with the high watermark seen
+/// then: the batch's offset for the partition moves at least this far.
+pub type Skips = HashMap<(String, i32), (i64, i64)>;
+
 /// One record of a batch, decoded.
 pub struct Item {
     pub topic: String,
@@ -53,14 +58,16 @@ impl From<sqlx::Error> for CommitError {
     }
 }
 
-/// Commits `items` (each partition's items in offset order) and returns,
-/// per partition, its new ownership state and what the batch did to it.
+/// Commits `items` (each partition's items in offset order) and `skips`,
+/// and returns, per partition, its new ownership state and what the batch
+/// did to it.
 pub async fn commit(
     pool: &PgPool,
     group: &str,
     catalog: &Catalog,
     owned: &HashMap<(String, i32), Owned>,
     items: &[&Item],
+    skips: &Skips,
 ) -> Result<HashMap<(String, i32), (Owned, Advance)>, CommitError> {
     let mut tx = pool.begin().await?;
     // Durability of a batch comes from Kafka, not from this fsync: if
@@ -75,29 +82,35 @@ pub async fn commit(
     let mut states = if keys.is_empty() { HashMap::new() } else { entities::load_for_update(&mut tx, &keys).await? };
 
     let mut progress: HashMap<(String, i32), (Owned, Advance)> = HashMap::new();
+    let start = |tp: &(String, i32)| {
+        let o = owned[tp].clone();
+        let advance = Advance {
+            topic: tp.0.clone(),
+            partition: tp.1,
+            epoch: o.epoch,
+            expected: o.stored,
+            next_offset: o.stored,
+            high_watermark: -1,
+            newest_event_ms: o.newest_ms,
+            applied: 0,
+            dead: 0,
+            late: 0,
+        };
+        (o, advance)
+    };
     for item in items {
         let tp = (item.topic.clone(), item.partition);
-        let (state, advance) = progress.entry(tp.clone()).or_insert_with(|| {
-            let o = owned[&tp].clone();
-            let advance = Advance {
-                topic: item.topic.clone(),
-                partition: item.partition,
-                epoch: o.epoch,
-                expected: o.stored,
-                next_offset: o.stored,
-                high_watermark: -1,
-                newest_event_ms: o.newest_ms,
-                applied: 0,
-                dead: 0,
-                late: 0,
-            };
-            (o, advance)
-        });
+        let (state, advance) = progress.entry(tp.clone()).or_insert_with(|| start(&tp));
         advance.late += apply(catalog, &mut states, &item.changes, &mut state.newest_ms);
         advance.next_offset = item.offset + 1;
         advance.high_watermark = advance.high_watermark.max(item.high_watermark);
         advance.newest_event_ms = state.newest_ms;
         if item.dead.is_some() { advance.dead += 1 } else { advance.applied += 1 }
+    }
+    for (tp, &(next_offset, high_watermark)) in skips {
+        let (_, advance) = progress.entry(tp.clone()).or_insert_with(|| start(tp));
+        advance.next_offset = advance.next_offset.max(next_offset);
+        advance.high_watermark = advance.high_watermark.max(high_watermark);
     }
 
     let rows: Vec<_> = keys.into_iter().filter_map(|k| states.remove(&k).map(|s| (k, s))).collect();

@@ -1,35 +1,48 @@
 //! The rdkafka poll loop and the rebalance protocol.
 //!
-//! Offsets live in Postgres, not in Kafka. The protocol, with eager
-//! rebalancing:
+//! Offsets live in Postgres, not in Kafka. The protocol, with cooperative
+//! (incremental) rebalancing, so that a member joining or leaving moves only
+//! the partitions that change hands while the others keep flowing:
 //!
-//! - **Assign.** librdkafka calls `rebalance` on the poll thread with the new
-//!   partitions. We send `SourceEvent::Assign` to the pipeline and block on
-//!   its reply: the pipeline claims the partitions in Postgres (bumping their
-//!   owner epoch, which fences any previous owner) and answers each stored
-//!   offset. We put those offsets on the partition list and only then call
-//!   `assign`, so consumption starts exactly where the last commit left off;
-//!   no seek races the assignment.
-//! - **Revoke.** We send `SourceEvent::Revoke` and block until the pipeline
-//!   has committed or dropped everything it holds of those partitions, then
-//!   `unassign`.
+//! - **Assign.** librdkafka calls `rebalance` on the poll thread with the
+//!   partitions added to this member. We send `SourceEvent::Assign` to the
+//!   pipeline and block on its reply: the pipeline claims the partitions in
+//!   Postgres (bumping their owner epoch, which fences any previous owner) and
+//!   answers each stored offset. We put those offsets on the partition list
+//!   and only then call `incremental_assign`, so consumption starts exactly
+//!   where the last commit left off; no seek races the assignment.
+//! - **Revoke.** We send `SourceEvent::Revoke` with the partitions taken away
+//!   and block until the pipeline has committed or dropped everything it holds
+//!   of them, then `incremental_unassign`.
+//! - **Progress.** read_committed never delivers transaction markers or
+//!   aborted records, so "last delivered offset + 1" would stay below the
+//!   end of a partition for good. The consumer's position does move past
+//!   them; when it is ahead of what was delivered we send
+//!   `SourceEvent::Progress`, and the pipeline commits it like a record that
+//!   changes nothing. Positions only move in fetch order, so every offset
+//!   below one was delivered or was never meant to be.
 //! - **Flow control.** While the pipeline holds more than its bounds, or the
-//!   sink is struggling, every assigned partition is paused; we keep polling
-//!   so that the group membership stays alive and rebalances are served.
+//!   sink is struggling, every assigned partition is paused (including those
+//!   assigned while paused); we keep polling so that the group membership
+//!   stays alive and rebalances are served.
 //!
 //! Blocking here is fine: this is a dedicated OS thread, never the runtime.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, mpsc::TryRecvError},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc::TryRecvError,
+    },
     thread::JoinHandle,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use freshet_store::metrics::Metrics;
 use rdkafka::{
     ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
-    consumer::{BaseConsumer, Consumer, ConsumerContext},
+    consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol},
     error::KafkaResult,
     message::Headers,
     statistics::Statistics,
@@ -56,11 +69,31 @@ pub struct Settings {
     pub metrics: Arc<Metrics>,
 }
 
+/// How often the poll loop compares positions with what it delivered.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+
 struct Context {
     events: mpsc::Sender<SourceEvent>,
-    /// High watermarks from librdkafka's statistics (once a second); both
-    /// callbacks run on the poll thread, so the lock is never contended.
+    /// Last stable offsets from librdkafka's statistics (once a second): the
+    /// end of what read_committed can read. The callbacks and the poll loop
+    /// all run on the poll thread, so these locks are never contended.
     high_watermarks: Mutex<HashMap<TopicPartition, i64>>,
+    /// Per assigned partition, the offset after the last record handed to
+    /// the pipeline (or the start offset), to tell when the position moved
+    /// past records that are never delivered.
+    delivered: Mutex<HashMap<TopicPartition, i64>>,
+    /// Whether flow control has paused consumption.
+    paused: AtomicBool,
+}
+
+impl Context {
+    fn high_watermark(&self, tp: &TopicPartition) -> i64 {
+        self.high_watermarks.lock().unwrap_or_else(|e| e.into_inner()).get(tp).copied().unwrap_or(-1)
+    }
+
+    fn delivered(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, i64>> {
+        self.delivered.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl ClientContext for Context {
@@ -68,8 +101,8 @@ impl ClientContext for Context {
         let mut marks = self.high_watermarks.lock().unwrap_or_else(|e| e.into_inner());
         for (topic, t) in statistics.topics {
             for (partition, p) in t.partitions {
-                if partition >= 0 && p.hi_offset >= 0 {
-                    marks.insert((topic.clone(), partition), p.hi_offset);
+                if partition >= 0 && p.ls_offset >= 0 {
+                    marks.insert((topic.clone(), partition), p.ls_offset);
                 }
             }
         }
@@ -99,12 +132,26 @@ impl ConsumerContext for Context {
                 if starts.len() != tpl.count() {
                     // The pipeline is gone (shutting down): take nothing.
                     tracing::warn!("assignment not claimed; leaving it unassigned");
-                    let _ = consumer.unassign();
                     return;
                 }
                 tracing::info!(partitions = ?starts, "assigned");
-                if let Err(e) = consumer.assign(tpl) {
+                {
+                    let mut delivered = self.delivered();
+                    for (tp, start) in &starts {
+                        match start {
+                            Start::Offset(o) => delivered.insert(tp.clone(), *o),
+                            Start::Beginning | Start::End => delivered.remove(tp),
+                        };
+                    }
+                }
+                let assigned = if cooperative(consumer) { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = assigned {
                     tracing::error!(error = %e, "assign failed");
+                } else if self.paused.load(Ordering::Relaxed) {
+                    // Flow control paused the partitions we had; these too.
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(error = %e, "cannot pause newly assigned partitions");
+                    }
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -112,15 +159,23 @@ impl ConsumerContext for Context {
                 if self.events.blocking_send(SourceEvent::Revoke { partitions: partitions.clone(), reply }).is_ok() {
                     let _ = done.blocking_recv();
                 }
-                tracing::info!(?partitions, "revoked");
-                let _ = consumer.unassign();
+                tracing::info!(?partitions, lost = consumer.assignment_lost(), "revoked");
+                self.delivered().retain(|tp, _| !partitions.contains(tp));
+                let _ = if cooperative(consumer) { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error; unassigning");
-                let _ = consumer.unassign();
+                let _ = match consumer.assignment() {
+                    Ok(all) if cooperative(consumer) => consumer.incremental_unassign(&all),
+                    _ => consumer.unassign(),
+                };
             }
         }
     }
+}
+
+fn cooperative(consumer: &BaseConsumer<Context>) -> bool {
+    matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative)
 }
 
 /// Starts the poll thread. Records and rebalances arrive on the returned
@@ -144,8 +199,12 @@ pub fn spawn(
         .set("enable.partition.eof", "false")
         // Used only if a stored offset is out of range (retention passed it).
         .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range")
-        .set("session.timeout.ms", "10000")
+        // Incremental rebalances: only partitions that change hands stop.
+        .set("partition.assignment.strategy", "cooperative-sticky")
+        // A dead member's partitions move after 6 s (the broker's minimum by
+        // default); a restarted one with the same group.instance.id takes
+        // them back at once. Fencing never depends on these timings.
+        .set("session.timeout.ms", "6000")
         .set("heartbeat.interval.ms", "1000")
         .set("max.poll.interval.ms", "300000")
         // Bound librdkafka's own prefetch so memory stays flat when far behind.
@@ -156,7 +215,12 @@ pub fn spawn(
         // Notice soon a subscribed topic that did not exist yet (Debezium
         // creates a table's topic with its first change).
         .set("topic.metadata.refresh.interval.ms", "5000")
-        .create_with_context(Context { events: events_tx.clone(), high_watermarks: Mutex::default() })?;
+        .create_with_context(Context {
+            events: events_tx.clone(),
+            high_watermarks: Mutex::default(),
+            delivered: Mutex::default(),
+            paused: AtomicBool::new(false),
+        })?;
     let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;
     let handle = std::thread::Builder::new()
@@ -174,6 +238,7 @@ fn poll_loop(
     settings: Settings,
 ) {
     let mut paused = false;
+    let mut progress_checked = Instant::now();
     loop {
         match commands.try_recv() {
             Ok(Command::Stop) | Err(TryRecvError::Disconnected) => break,
@@ -186,6 +251,7 @@ fn poll_loop(
                 match result {
                     Ok(()) => {
                         paused = over;
+                        consumer.context().paused.store(over, Ordering::Relaxed);
                         let count = if over { assignment.count() } else { 0 };
                         settings.metrics.set("freshet_ingest_paused_partitions", "Partitions paused by flow control.", &[], count as f64);
                         if over {
@@ -195,6 +261,14 @@ fn poll_loop(
                     }
                     Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
                 }
+            }
+        }
+        // Before polling: every record polled so far has been handed over,
+        // so a position ahead of `delivered` is one past undelivered offsets.
+        if progress_checked.elapsed() >= PROGRESS_EVERY {
+            progress_checked = Instant::now();
+            if report_progress(&consumer, &events).is_err() {
+                break;
             }
         }
         let Some(result) = consumer.poll(Duration::from_millis(100)) else {
@@ -207,10 +281,9 @@ fn poll_loop(
                 continue;
             }
         };
-        let high_watermark = {
-            let marks = consumer.context().high_watermarks.lock().unwrap_or_else(|e| e.into_inner());
-            marks.get(&(message.topic().to_string(), message.partition())).copied().unwrap_or(-1).max(message.offset() + 1)
-        };
+        let tp = (message.topic().to_string(), message.partition());
+        let high_watermark = consumer.context().high_watermark(&tp).max(message.offset() + 1);
+        consumer.context().delivered().insert(tp, message.offset() + 1);
         let record = Record {
             topic: message.topic().to_string(),
             partition: message.partition(),
@@ -233,4 +306,23 @@ fn poll_loop(
     // pipeline being gone) and closes cleanly.
     consumer.unsubscribe();
     drop(consumer);
+}
+
+/// Tells the pipeline about partitions whose position moved past what was
+/// delivered (see "Progress" above). Errs once the pipeline is gone.
+fn report_progress(consumer: &BaseConsumer<Context>, events: &mpsc::Sender<SourceEvent>) -> Result<(), ()> {
+    let Ok(positions) = consumer.position() else { return Ok(()) };
+    let context = consumer.context();
+    for element in positions.elements() {
+        let Offset::Offset(position) = element.offset() else { continue };
+        let tp = (element.topic().to_string(), element.partition());
+        let moved = context.delivered().get(&tp).is_none_or(|&delivered| position > delivered);
+        if !moved {
+            continue;
+        }
+        context.delivered().insert(tp.clone(), position);
+        let high_watermark = context.high_watermark(&tp).max(position);
+        events.blocking_send(SourceEvent::Progress { partition: tp, next_offset: position, high_watermark }).map_err(drop)?;
+    }
+    Ok(())
 }

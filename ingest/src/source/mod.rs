@@ -47,6 +47,14 @@ pub enum SourceEvent {
         partitions: Vec<TopicPartition>,
         reply: oneshot::Sender<Vec<(TopicPartition, Start)>>,
     },
+    /// The consumer's position in a partition moved past offsets it never
+    /// delivers (transaction markers, aborted records): everything below
+    /// `next_offset` was delivered or is not to be applied.
+    Progress {
+        partition: TopicPartition,
+        next_offset: i64,
+        high_watermark: i64,
+    },
     /// Partitions are being revoked. The poll thread waits for the reply,
     /// sent once nothing of theirs can be committed by this instance.
     Revoke {
