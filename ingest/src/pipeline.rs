@@ -3,7 +3,10 @@
 //! Events from the poll thread are handled one at a time, in order, so a
 //! revocation is only answered after the batch before it has committed (or
 //! been dropped), and an assignment is only answered after the partitions
-//! are claimed in Postgres. Records of partitions this instance does not own,
+//! are claimed in Postgres. A commit whose compare-and-set fails learns why:
+//! another owner's epoch means fenced (the partition is dropped); our own
+//! epoch at another offset means the store lost its newest commits in a
+//! crash, and the partition is rewound to where the store stands. Records of partitions this instance does not own,
 //! and records below the next expected offset (replays after a seek), are
 //! dropped: applying an offset twice is impossible by construction, and the
 //! compare-and-set in the commit catches the rest.
@@ -65,7 +68,9 @@ pub struct Pipeline {
     pub limits: BatchLimits,
     metrics: Arc<Metrics>,
     owned: HashMap<TopicPartition, Owned>,
-    /// Next offset to accept per owned partition (`None`: the first that comes).
+    /// Next offset to accept per owned partition (`None`: the first that
+    /// comes). An owned partition is absent while it is being rewound: its
+    /// records are dropped until the seek is answered.
     position: HashMap<TopicPartition, Option<i64>>,
     batch: Vec<Record>,
     /// Positions past undelivered offsets, committed with the batch.
@@ -136,6 +141,7 @@ impl Pipeline {
                 Some(SourceEvent::Progress { partition, next_offset, high_watermark }) => {
                     self.skip(partition, next_offset, high_watermark);
                 }
+                Some(SourceEvent::Rewound { partition, start, epoch }) => self.rewound(partition, start, epoch),
                 Some(SourceEvent::Assign { partitions, reply }) => {
                     self.flush().await;
                     let starts = self.claim(partitions).await;
@@ -161,7 +167,7 @@ impl Pipeline {
                 SourceEvent::Revoke { reply, .. } => {
                     let _ = reply.send(());
                 }
-                SourceEvent::Assign { .. } | SourceEvent::Progress { .. } => {}
+                SourceEvent::Assign { .. } | SourceEvent::Progress { .. } | SourceEvent::Rewound { .. } => {}
             }
         }
     }
@@ -227,11 +233,7 @@ impl Pipeline {
             };
             for claim in claims {
                 let tp = (topic.clone(), claim.partition);
-                let start = match (claim.next_offset, self.start_policy) {
-                    (Some(offset), _) => Start::Offset(offset),
-                    (None, StartPolicy::Earliest) => Start::Beginning,
-                    (None, StartPolicy::Latest) => Start::End,
-                };
+                let start = self.start_at(claim.next_offset);
                 tracing::info!(topic, partition = claim.partition, epoch = claim.epoch, ?start, "claimed");
                 self.owned.insert(
                     tp.clone(),
@@ -242,6 +244,78 @@ impl Pipeline {
             }
         }
         starts
+    }
+
+    /// Where to consume a partition whose store offset is `next_offset`.
+    fn start_at(&self, next_offset: Option<i64>) -> Start {
+        match (next_offset, self.start_policy) {
+            (Some(offset), _) => Start::Offset(offset),
+            (None, StartPolicy::Earliest) => Start::Beginning,
+            (None, StartPolicy::Latest) => Start::End,
+        }
+    }
+
+    /// A commit of `tp` failed its compare-and-set: drop the partition if
+    /// another owner claimed it, or, if the store is still ours but stands
+    /// elsewhere, drop what we hold of it and consume it again from there.
+    async fn settle(&mut self, tp: TopicPartition) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let current = loop {
+            match offsets::current(&self.pool, &self.group, &tp.0, tp.1).await {
+                Ok(current) => break current,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, ?wait, "reading a fenced partition's offset failed; retrying");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        };
+        match current {
+            Some(claim) if self.owned.get(&tp).is_some_and(|o| o.epoch == claim.epoch) => {
+                tracing::warn!(topic = tp.0, partition = tp.1, next_offset = ?claim.next_offset, "store moved back under us; rewinding");
+                self.owned.insert(
+                    tp.clone(),
+                    Owned { epoch: claim.epoch, stored: claim.next_offset.unwrap_or(-1), newest_ms: claim.newest_event_ms },
+                );
+                self.rewind(tp, self.start_at(claim.next_offset), claim.epoch);
+            }
+            _ => {
+                tracing::warn!(topic = tp.0, partition = tp.1, "partition claimed by another owner; dropping it");
+                self.owned.remove(&tp);
+                self.position.remove(&tp);
+            }
+        }
+    }
+
+    /// Drops the records of `tp` until the poll thread has sought to `start`.
+    fn rewind(&mut self, tp: TopicPartition, start: Start, epoch: i64) {
+        self.position.remove(&tp);
+        let _ = self.commands.send(Command::Rewind { partition: tp, start, epoch });
+    }
+
+    /// A seek took effect. Normally the one we asked for under the current
+    /// epoch: accept records from `start`. A seek asked for under an older
+    /// epoch may land after a new claim set the partition's position: harmless
+    /// if it went back (records before the position are dropped), a gap if it
+    /// went forward, so then seek again to the position.
+    fn rewound(&mut self, tp: TopicPartition, start: Start, epoch: i64) {
+        let Some(owned) = self.owned.get(&tp) else { return };
+        let epoch_now = owned.epoch;
+        match (self.position.get(&tp).copied(), start) {
+            (None, _) if epoch == epoch_now => {
+                let next = match start {
+                    Start::Offset(o) => Some(o),
+                    Start::Beginning | Start::End => None,
+                };
+                self.position.insert(tp, next);
+            }
+            (Some(Some(position)), Start::Offset(o)) if o <= position => {}
+            (Some(Some(position)), _) => self.rewind(tp, Start::Offset(position), epoch_now),
+            (Some(None) | None, _) => {
+                let start = self.start_at((owned.stored >= 0).then_some(owned.stored));
+                self.rewind(tp, start, epoch_now);
+            }
+        }
     }
 
     /// Decodes and commits the current batch; returns once it is committed
@@ -325,8 +399,9 @@ impl Pipeline {
         Box::pin(async move {
             let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
             loop {
-                pending.retain(|(i, _)| self.owned.contains_key(&(i.topic.clone(), i.partition)));
-                skips.retain(|tp, _| self.owned.contains_key(tp));
+                // Partitions lost or being rewound: their records come again.
+                pending.retain(|(i, _)| self.position.contains_key(&(i.topic.clone(), i.partition)));
+                skips.retain(|tp, _| self.position.contains_key(tp));
                 if pending.is_empty() && skips.is_empty() {
                     return;
                 }
@@ -351,10 +426,8 @@ impl Pipeline {
                         return;
                     }
                     Err(CommitError::Fenced(lost)) => {
-                        tracing::warn!(?lost, "partitions claimed by another owner; dropping them");
                         for tp in lost {
-                            self.owned.remove(&tp);
-                            self.position.remove(&tp);
+                            self.settle(tp).await;
                         }
                     }
                     Err(CommitError::Sql(e)) if commit::classify(&e) == Failure::Data => {

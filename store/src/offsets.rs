@@ -23,6 +23,12 @@ pub struct Claim {
     pub newest_event_ms: Option<i64>,
 }
 
+impl Claim {
+    fn from_row(partition: i32, epoch: i64, next_offset: i64, newest_event_ms: Option<i64>) -> Claim {
+        Claim { partition, epoch, next_offset: (next_offset >= 0).then_some(next_offset), newest_event_ms }
+    }
+}
+
 /// Takes ownership of `partitions` of `topic` for `owner`.
 pub async fn claim(pool: &PgPool, group: &str, topic: &str, partitions: &[i32], owner: &str) -> Result<Vec<Claim>, sqlx::Error> {
     let rows: Vec<(i32, i64, i64, Option<i64>)> = sqlx::query_as(
@@ -38,15 +44,23 @@ pub async fn claim(pool: &PgPool, group: &str, topic: &str, partitions: &[i32], 
     .bind(owner)
     .fetch_all(pool)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(partition, epoch, next, newest)| Claim {
-            partition,
-            epoch,
-            next_offset: (next >= 0).then_some(next),
-            newest_event_ms: newest,
-        })
-        .collect())
+    Ok(rows.into_iter().map(|(partition, epoch, next, newest)| Claim::from_row(partition, epoch, next, newest)).collect())
+}
+
+/// Where a partition stands in the store, without claiming it: after a
+/// failed compare-and-set, the owner learns whether it was fenced (another
+/// epoch) or the store moved back under it (its own epoch, another offset).
+pub async fn current(pool: &PgPool, group: &str, topic: &str, partition: i32) -> Result<Option<Claim>, sqlx::Error> {
+    let row: Option<(i64, i64, Option<i64>)> = sqlx::query_as(
+        "SELECT owner_epoch, next_offset, (extract(epoch FROM newest_event_at) * 1000)::int8
+         FROM ingest_offsets WHERE consumer_group = $1 AND topic = $2 AND partition = $3",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partition)
+    .fetch_optional(pool)
+    .await?;
+    Ok(row.map(|(epoch, next, newest)| Claim::from_row(partition, epoch, next, newest)))
 }
 
 /// Progress of one partition within a batch.

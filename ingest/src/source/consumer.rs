@@ -21,6 +21,12 @@
 //!   `SourceEvent::Progress`, and the pipeline commits it like a record that
 //!   changes nothing. Positions only move in fetch order, so every offset
 //!   below one was delivered or was never meant to be.
+//! - **Rewind.** If a commit finds the store, still owned by us, at another
+//!   offset than expected (Postgres lost its newest commits in a crash), the
+//!   pipeline sends `Command::Rewind`; we seek there and answer
+//!   `SourceEvent::Rewound`. A seek discards what librdkafka had fetched
+//!   for the partition, and the pipeline drops the partition's records
+//!   until the answer arrives, so nothing from before the seek is applied.
 //! - **Flow control.** While the pipeline holds more than its bounds, or the
 //!   sink is struggling, every assigned partition is paused (including those
 //!   assigned while paused); we keep polling so that the group membership
@@ -94,6 +100,14 @@ impl Context {
     fn delivered(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, i64>> {
         self.delivered.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Consumption of `tp` (re)starts at `start`: nothing is delivered yet.
+    fn starts_at(&self, tp: &TopicPartition, start: Start) {
+        match start {
+            Start::Offset(o) => self.delivered().insert(tp.clone(), o),
+            Start::Beginning | Start::End => self.delivered().remove(tp),
+        };
+    }
 }
 
 impl ClientContext for Context {
@@ -120,12 +134,7 @@ impl ConsumerContext for Context {
                     Err(_) => Vec::new(),
                 };
                 for ((topic, partition), start) in &starts {
-                    let offset = match start {
-                        Start::Offset(o) => Offset::Offset(*o),
-                        Start::Beginning => Offset::Beginning,
-                        Start::End => Offset::End,
-                    };
-                    if let Err(e) = tpl.set_partition_offset(topic, *partition, offset) {
+                    if let Err(e) = tpl.set_partition_offset(topic, *partition, offset(*start)) {
                         tracing::error!(error = %e, topic, partition, "cannot set start offset");
                     }
                 }
@@ -135,14 +144,8 @@ impl ConsumerContext for Context {
                     return;
                 }
                 tracing::info!(partitions = ?starts, "assigned");
-                {
-                    let mut delivered = self.delivered();
-                    for (tp, start) in &starts {
-                        match start {
-                            Start::Offset(o) => delivered.insert(tp.clone(), *o),
-                            Start::Beginning | Start::End => delivered.remove(tp),
-                        };
-                    }
+                for (tp, start) in &starts {
+                    self.starts_at(tp, *start);
                 }
                 let assigned = if cooperative(consumer) { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
                 if let Err(e) = assigned {
@@ -171,6 +174,14 @@ impl ConsumerContext for Context {
                 };
             }
         }
+    }
+}
+
+fn offset(start: Start) -> Offset {
+    match start {
+        Start::Offset(o) => Offset::Offset(o),
+        Start::Beginning => Offset::Beginning,
+        Start::End => Offset::End,
     }
 }
 
@@ -239,10 +250,18 @@ fn poll_loop(
 ) {
     let mut paused = false;
     let mut progress_checked = Instant::now();
-    loop {
-        match commands.try_recv() {
-            Ok(Command::Stop) | Err(TryRecvError::Disconnected) => break,
-            Err(TryRecvError::Empty) => {}
+    let mut rewinds: Vec<(TopicPartition, Start, i64)> = Vec::new();
+    'poll: loop {
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => break 'poll,
+                Ok(Command::Rewind { partition, start, epoch }) => rewinds.push((partition, start, epoch)),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        match rewind(&consumer, &events, std::mem::take(&mut rewinds)) {
+            Ok(failed) => rewinds = failed,
+            Err(()) => break,
         }
         let over = in_flight.over(settings.max_in_flight_records, settings.max_in_flight_bytes);
         if over != paused {
@@ -306,6 +325,32 @@ fn poll_loop(
     // pipeline being gone) and closes cleanly.
     consumer.unsubscribe();
     drop(consumer);
+}
+
+/// Seeks each partition to its start and tells the pipeline. Returns the
+/// seeks that failed, to try again on the next turn (the pipeline drops the
+/// partition's records meanwhile); a partition no longer assigned is
+/// forgotten. Errs once the pipeline is gone.
+fn rewind(
+    consumer: &BaseConsumer<Context>,
+    events: &mpsc::Sender<SourceEvent>,
+    rewinds: Vec<(TopicPartition, Start, i64)>,
+) -> Result<Vec<(TopicPartition, Start, i64)>, ()> {
+    let mut failed = Vec::new();
+    for (tp, start, epoch) in rewinds {
+        if let Err(e) = consumer.seek(&tp.0, tp.1, offset(start), Duration::from_secs(5)) {
+            let assigned = consumer.assignment().is_ok_and(|a| a.find_partition(&tp.0, tp.1).is_some());
+            tracing::warn!(error = %e, topic = tp.0, partition = tp.1, assigned, "seek failed");
+            if assigned {
+                failed.push((tp, start, epoch));
+            }
+            continue;
+        }
+        consumer.context().starts_at(&tp, start);
+        tracing::info!(topic = tp.0, partition = tp.1, ?start, "rewound");
+        events.blocking_send(SourceEvent::Rewound { partition: tp, start, epoch }).map_err(drop)?;
+    }
+    Ok(failed)
 }
 
 /// Tells the pipeline about partitions whose position moved past what was

@@ -2,8 +2,8 @@
 //!
 //! The rdkafka poll loop runs on a thread of its own (`consumer.rs`) and
 //! talks to the async pipeline only through two typed channels: it sends
-//! [`SourceEvent`]s (records, assignments, revocations) and receives
-//! [`Command`]s (stop). Flow control needs no command: the poll loop
+//! [`SourceEvent`]s (records, positions, assignments, revocations, rewinds)
+//! and receives [`Command`]s (rewind, stop). Flow control needs no command: the poll loop
 //! pauses every assigned partition while [`InFlight`] is over its bounds or
 //! the sink says it is struggling, and resumes when both clear.
 
@@ -55,6 +55,13 @@ pub enum SourceEvent {
         next_offset: i64,
         high_watermark: i64,
     },
+    /// A [`Command::Rewind`] took effect: records of the partition from here
+    /// on start at `start`.
+    Rewound {
+        partition: TopicPartition,
+        start: Start,
+        epoch: i64,
+    },
     /// Partitions are being revoked. The poll thread waits for the reply,
     /// sent once nothing of theirs can be committed by this instance.
     Revoke {
@@ -72,6 +79,11 @@ pub enum Start {
 }
 
 pub enum Command {
+    /// Consume the partition again from `start`: the store, still ours,
+    /// stands elsewhere than the pipeline thought (it lost its newest
+    /// commits in a crash), and the store is the truth.
+    /// `epoch` is the owner epoch it was asked under, returned in the answer.
+    Rewind { partition: TopicPartition, start: Start, epoch: i64 },
     /// Leave the group and end the poll thread.
     Stop,
 }
