@@ -312,10 +312,20 @@ fn convert_feature(raw: RawFeature) -> Result<Feature, String> {
 }
 
 /// Names end up in references ("view:feature") and metric labels.
+/// Names travel in feature references, metrics labels and change
+/// notifications, so they are short identifiers.
+const MAX_NAME_BYTES: usize = 128;
+
 fn check_name(name: &str) -> Result<(), String> {
     let ok =
         !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !name.starts_with(|c: char| c.is_ascii_digit());
-    if ok { Ok(()) } else { Err("must be letters, digits and '_', not starting with a digit".into()) }
+    if !ok {
+        return Err("must be letters, digits and '_', not starting with a digit".into());
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err(format!("is longer than {MAX_NAME_BYTES} bytes"));
+    }
+    Ok(())
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
@@ -416,5 +426,12 @@ type = "string"
     fn duplicate_names_are_refused() {
         let twice = format!("{GOOD}\n{}", &GOOD[GOOD.find("[[view.feature]]").unwrap()..]);
         assert!(error_of(&twice).message.contains("declared twice"));
+    }
+
+    #[test]
+    fn overlong_names_are_refused() {
+        let long = "v".repeat(MAX_NAME_BYTES + 1);
+        let e = error_of(&GOOD.replace("name = \"user_activity\"", &format!("name = \"{long}\"")));
+        assert!(e.message.contains("longer than 128 bytes"), "{e}");
     }
 }
