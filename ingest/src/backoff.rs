@@ -1,10 +1,14 @@
 //! Exponential backoff with full jitter, for everything ingest retries:
 //! Postgres commits, DLQ produces, claims. Jitter keeps several instances
-//! that failed together from retrying together.
+//! that failed together from retrying together. Retries are unbounded, so
+//! every wait gives way to shutdown: SIGTERM stops a process that is
+//! retrying against a dead Postgres or broker.
 
 use std::time::Duration;
 
 use rand::Rng;
+
+use crate::shutdown::{Abandoned, Shutdown};
 
 pub struct Backoff {
     attempt: u32,
@@ -33,6 +37,11 @@ impl Backoff {
     pub fn attempts(&self) -> u32 {
         self.attempt
     }
+
+    /// Waits the next delay, or less if shutdown is asked for first.
+    pub async fn wait(&mut self, shutdown: &Shutdown) -> Result<(), Abandoned> {
+        shutdown.sleep(self.next_delay()).await
+    }
 }
 
 #[cfg(test)]
@@ -49,5 +58,15 @@ mod tests {
             assert!(*d >= Duration::from_millis(500) && *d <= Duration::from_secs(1), "{d:?}");
         }
         assert_eq!(b.attempts(), 12);
+    }
+
+    #[tokio::test]
+    async fn a_wait_gives_way_to_shutdown() {
+        let shutdown = Shutdown::new(Duration::ZERO);
+        let mut b = Backoff::new(Duration::from_millis(1), Duration::from_millis(1));
+        assert_eq!(b.wait(&shutdown).await, Ok(()));
+        let mut b = Backoff::new(Duration::from_secs(3600), Duration::from_secs(3600));
+        shutdown.request();
+        assert_eq!(b.wait(&shutdown).await, Err(Abandoned));
     }
 }

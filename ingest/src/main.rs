@@ -7,6 +7,7 @@
 
 mod backoff;
 mod pipeline;
+mod shutdown;
 mod sink;
 mod source;
 mod transform;
@@ -14,10 +15,12 @@ mod transform;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use freshet_store::{db, metrics::Metrics, view::Catalog};
+
+use freshet_store::{db, metrics::Metrics, owners, view::Catalog};
 
 use crate::{
     pipeline::{BatchLimits, Pipeline},
+    shutdown::Shutdown,
     sink::dlq::DeadLetterQueue,
     source::{InFlight, Settings, StartPolicy},
 };
@@ -37,6 +40,18 @@ enum Command {
     Migrate {
         #[arg(long, env = "FRESHET_DATABASE_URL")]
         database_url: String,
+    },
+    /// Move the views of a file to a consumer group, with the offsets of the
+    /// group that computed them so far (whose instances are fenced): to
+    /// rename a group, or to take over from one that is gone.
+    TakeOver {
+        #[arg(long, env = "FRESHET_DATABASE_URL")]
+        database_url: String,
+        #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
+        views: PathBuf,
+        /// The group that computes the views from now on.
+        #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
+        group: String,
     },
 }
 
@@ -74,12 +89,14 @@ struct RunArgs {
     /// Bytes held before partitions are paused.
     #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_BYTES", default_value_t = 32 << 20)]
     max_in_flight_bytes: usize,
+    /// After SIGTERM, how long (ms) a commit or dead-letter produce in
+    /// progress may still run before it is abandoned (left uncommitted, to
+    /// be consumed again). Keep it below the orchestrator's grace period.
+    #[arg(long, env = "FRESHET_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`); off if unset.
     #[arg(long, env = "FRESHET_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
-    /// Commits slower than this (ms), three in a row, pause consumption.
-    #[arg(long, env = "FRESHET_SLOW_COMMIT_MS", default_value_t = 1000)]
-    slow_commit_ms: u64,
 }
 
 #[tokio::main]
@@ -88,13 +105,40 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Migrate { database_url } => Ok(db::migrate_command(&database_url).await?),
         Command::Run(args) => run(args).await,
+        Command::TakeOver { database_url, views, group } => take_over(&database_url, &views, &group).await,
     }
 }
 
+async fn take_over(database_url: &str, views: &std::path::Path, group: &str) -> anyhow::Result<()> {
+    let catalog = Catalog::load(views)?;
+    let pool = db::connect(database_url, 1).await?;
+    db::ensure_migrated(&pool).await?;
+    let names: Vec<&str> = catalog.views.iter().map(|v| v.name.as_str()).collect();
+    for (view, previous) in owners::take_over(&pool, group, &names, &catalog.topics()).await? {
+        match previous {
+            Some(previous) if previous != group => println!("view {view}: taken over from group {previous} by group {group}"),
+            Some(_) => println!("view {view}: already computed by group {group}"),
+            None => println!("view {view}: now computed by group {group}"),
+        }
+    }
+    Ok(())
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::new(Duration::from_millis(args.shutdown_grace_ms));
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            signalled().await;
+            tracing::info!("shutdown requested");
+            shutdown.request();
+        }
+    });
     let catalog = Arc::new(Catalog::load(&args.views)?);
     let pool = db::connect(&args.database_url, 4).await?;
     db::ensure_migrated(&pool).await?;
+    let views: Vec<&str> = catalog.views.iter().map(|v| v.name.as_str()).collect();
+    owners::adopt(&pool, &args.group, &views).await?;
     let owner = format!("{}-{}", hostname(), std::process::id());
     let dlq = DeadLetterQueue::new(&args.brokers, &args.group, &owner)?;
     let in_flight = Arc::new(InFlight::default());
@@ -126,21 +170,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         dlq,
         in_flight,
         commands,
-        BatchLimits {
-            max_records: args.batch_records,
-            max_bytes: args.batch_bytes,
-            linger: Duration::from_millis(args.linger_ms),
-            slow_commit: Duration::from_millis(args.slow_commit_ms),
-        },
+        BatchLimits { max_records: args.batch_records, max_bytes: args.batch_bytes, linger: Duration::from_millis(args.linger_ms) },
         metrics,
+        shutdown.clone(),
     );
-    pipeline.run(events, shutdown()).await;
+    let ran = pipeline.run(events).await;
     tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();
     tracing::info!("stopped");
-    Ok(())
+    Ok(ran?)
 }
 
-async fn shutdown() {
+async fn signalled() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

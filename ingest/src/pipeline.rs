@@ -32,6 +32,7 @@ use std::{
 use freshet_store::{
     metrics::Metrics,
     offsets::{self, Advance, DeadLetter},
+    owners::{self, OwnershipError},
     view::Catalog,
 };
 use sqlx::PgPool;
@@ -40,9 +41,10 @@ use tracing::Instrument;
 
 use crate::{
     backoff::Backoff,
+    shutdown::{Abandoned, Shutdown},
     sink::{
         commit::{self, CommitError, Failure, Item, Owned, Skips},
-        dlq::{DeadLetterQueue, Reason},
+        dlq::{DeadLetterQueue, Delivery, Reason},
     },
     source::{Command, Record, SharedInFlight, SourceEvent, Start, StartPolicy, TopicPartition},
     transform::decode::{self, Poison},
@@ -52,8 +54,6 @@ pub struct BatchLimits {
     pub max_records: usize,
     pub max_bytes: usize,
     pub linger: Duration,
-    /// Commits slower than this, several in a row, pause consumption.
-    pub slow_commit: Duration,
 }
 
 pub struct Pipeline {
@@ -77,10 +77,13 @@ pub struct Pipeline {
     skips: Skips,
     batch_bytes: usize,
     batch_started: Instant,
-    slow_commits: u32,
+    /// Every retry loop and every call that can hang gives way to it.
+    shutdown: Shutdown,
+    /// Set when another consumer group took this one's views over.
+    lost_views: Option<OwnershipError>,
 }
 
-type Boxed<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+type Boxed<'a> = Pin<Box<dyn Future<Output = Result<(), Abandoned>> + Send + 'a>>;
 
 impl Pipeline {
     #[allow(clippy::too_many_arguments)]
@@ -95,6 +98,7 @@ impl Pipeline {
         commands: std::sync::mpsc::Sender<Command>,
         limits: BatchLimits,
         metrics: Arc<Metrics>,
+        shutdown: Shutdown,
     ) -> Self {
         Self {
             catalog,
@@ -113,17 +117,22 @@ impl Pipeline {
             skips: Skips::new(),
             batch_bytes: 0,
             batch_started: Instant::now(),
-            slow_commits: 0,
+            shutdown,
+            lost_views: None,
         }
     }
 
-    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
+    /// Runs until the source ends or shutdown is asked for. A batch whose
+    /// commit was abandoned by shutdown stays uncommitted: its partitions'
+    /// next owner consumes it again from the offsets in the store. Fails if
+    /// another consumer group took the views over.
+    pub async fn run(mut self, mut events: mpsc::Receiver<SourceEvent>) -> Result<(), OwnershipError> {
+        let shutdown = self.shutdown.clone();
         loop {
             let linger_end = tokio::time::Instant::from_std(self.batch_started + self.limits.linger);
             let event = tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
+                _ = shutdown.requested() => break,
                 event = events.recv() => event,
                 _ = tokio::time::sleep_until(linger_end), if !self.batch_is_empty() => {
                     self.flush().await;
@@ -157,7 +166,7 @@ impl Pipeline {
                 }
             }
         }
-        tracing::info!("shutting down: committing the batch in flight");
+        tracing::info!("shutting down: committing the batch in flight (one attempt)");
         self.flush().await;
         let _ = self.commands.send(Command::Stop);
         // Serve the revocation of leaving the group, and drop what is left.
@@ -170,6 +179,7 @@ impl Pipeline {
                 SourceEvent::Assign { .. } | SourceEvent::Progress { .. } | SourceEvent::Rewound { .. } => {}
             }
         }
+        self.lost_views.take().map_or(Ok(()), Err)
     }
 
     fn batch_is_empty(&self) -> bool {
@@ -222,12 +232,25 @@ impl Pipeline {
         for (topic, partitions) in by_topic {
             let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
             let claims = loop {
-                match offsets::claim(&self.pool, &self.group, &topic, &partitions, &self.owner).await {
+                let claimed = self.shutdown.bounded(self.try_claim(&topic, &partitions)).await;
+                let Ok(claimed) = claimed else { return starts };
+                match claimed {
                     Ok(claims) => break claims,
+                    Err(e @ OwnershipError::OwnedByOther { .. }) => {
+                        // Another group took the views over: this instance
+                        // must not compute them again. Stop, claiming nothing.
+                        tracing::error!(error = %e, "views taken over by another group; stopping");
+                        self.lost_views = Some(e);
+                        self.shutdown.request();
+                        return starts;
+                    }
                     Err(e) => {
-                        let wait = backoff.next_delay();
-                        tracing::warn!(error = %e, topic, ?wait, "claiming partitions failed; retrying");
-                        tokio::time::sleep(wait).await;
+                        tracing::warn!(error = %e, topic, attempt = backoff.attempts(), "claiming partitions failed; retrying");
+                        // Shutting down: answer what was claimed; the poll
+                        // thread then takes none of it.
+                        if backoff.wait(&self.shutdown).await.is_err() {
+                            return starts;
+                        }
                     }
                 }
             };
@@ -244,6 +267,17 @@ impl Pipeline {
             }
         }
         starts
+    }
+
+    /// Checks that this group still owns the topic's views and claims the
+    /// partitions, in one transaction (see `owners`).
+    async fn try_claim(&self, topic: &str, partitions: &[i32]) -> Result<Vec<offsets::Claim>, OwnershipError> {
+        let views: Vec<&str> = self.catalog.views_of_topic(topic).map(|v| v.name.as_str()).collect();
+        let mut tx = self.pool.begin().await?;
+        owners::check(&mut tx, &self.group, &views).await?;
+        let claims = offsets::claim(&mut tx, &self.group, topic, partitions, &self.owner).await?;
+        tx.commit().await?;
+        Ok(claims)
     }
 
     /// Where to consume a partition whose store offset is `next_offset`.
@@ -264,9 +298,10 @@ impl Pipeline {
             match offsets::current(&self.pool, &self.group, &tp.0, tp.1).await {
                 Ok(current) => break current,
                 Err(e) => {
-                    let wait = backoff.next_delay();
-                    tracing::warn!(error = %e, ?wait, "reading a fenced partition's offset failed; retrying");
-                    tokio::time::sleep(wait).await;
+                    tracing::warn!(error = %e, attempt = backoff.attempts(), "reading a fenced partition's offset failed; retrying");
+                    if backoff.wait(&self.shutdown).await.is_err() {
+                        break None; // shutting down: just drop it
+                    }
                 }
             }
         };
@@ -330,17 +365,25 @@ impl Pipeline {
         let bytes = std::mem::replace(&mut self.batch_bytes, 0);
         let count = records.len();
         let mut pending = Vec::with_capacity(count);
+        let mut decoded = Ok(());
         for record in records {
-            let item = self.decode(&record).await;
-            pending.push((item, record));
+            match self.decode(&record).await {
+                Ok(item) => pending.push((item, record)),
+                Err(abandoned) => {
+                    decoded = Err(abandoned);
+                    break;
+                }
+            }
         }
-        self.commit(pending, skips).await;
+        if decoded.is_ok() && self.commit(pending, skips).await.is_err() {
+            tracing::warn!("shutting down: batch left uncommitted");
+        }
         self.in_flight.release(count, bytes);
     }
 
     /// Decodes a record for every view of its topic; poison goes to the DLQ
     /// (acknowledged) before the batch that skips it can commit.
-    async fn decode(&self, record: &Record) -> Item {
+    async fn decode(&self, record: &Record) -> Result<Item, Abandoned> {
         let mut changes = Vec::new();
         let mut poison: Option<(Poison, String)> = None;
         for (index, view) in self.catalog.views.iter().enumerate() {
@@ -364,13 +407,21 @@ impl Pipeline {
             dead: None,
         };
         if let Some((poison, dlq_topic)) = poison {
-            self.dead_letter(&mut item, record, &dlq_topic, "VALUE_CONVERTER", poison.class, &poison.message).await;
+            self.dead_letter(&mut item, record, &dlq_topic, "VALUE_CONVERTER", poison.class, &poison.message).await?;
         }
-        item
+        Ok(item)
     }
 
     #[tracing::instrument(name = "dead_letter", skip_all, fields(topic = record.topic, partition = record.partition, offset = record.offset, stage))]
-    async fn dead_letter(&self, item: &mut Item, record: &Record, dlq_topic: &str, stage: &str, class: &str, message: &str) {
+    async fn dead_letter(
+        &self,
+        item: &mut Item,
+        record: &Record,
+        dlq_topic: &str,
+        stage: &str,
+        class: &str,
+        message: &str,
+    ) -> Result<(), Abandoned> {
         tracing::warn!(
             topic = record.topic,
             partition = record.partition,
@@ -380,7 +431,13 @@ impl Pipeline {
             message,
             "dead-lettering record"
         );
-        self.dlq.send(dlq_topic, record, &Reason { stage, class, message }).await;
+        let delivery = self.shutdown.bounded(self.dlq.send(dlq_topic, record, &Reason { stage, class, message }, &self.shutdown)).await??;
+        // The table keeps the whole reason, and says what the topic lacks.
+        let message = match delivery {
+            Delivery::Written => message.to_string(),
+            Delivery::Truncated { original_bytes } => format!("{message} (DLQ copy truncated: the value had {original_bytes} bytes)"),
+            Delivery::NotWritten { error } => format!("{message} (not written to the DLQ topic: {error})"),
+        };
         item.changes.clear();
         item.dead = Some(DeadLetter {
             topic: record.topic.clone(),
@@ -388,13 +445,14 @@ impl Pipeline {
             offset: record.offset,
             dlq_topic: dlq_topic.to_string(),
             error_class: class.to_string(),
-            error_message: message.to_string(),
+            error_message: message,
         });
+        Ok(())
     }
 
     /// Commits `pending` (items with their records) and `skips`, retrying
-    /// transient failures forever, isolating records Postgres rejects, and
-    /// dropping partitions another owner has claimed.
+    /// transient failures until shutdown, isolating records Postgres
+    /// rejects, and dropping partitions another owner has claimed.
     fn commit(&mut self, mut pending: Vec<(Item, Record)>, mut skips: Skips) -> Boxed<'_> {
         Box::pin(async move {
             let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(5));
@@ -403,7 +461,7 @@ impl Pipeline {
                 pending.retain(|(i, _)| self.position.contains_key(&(i.topic.clone(), i.partition)));
                 skips.retain(|tp, _| self.position.contains_key(tp));
                 if pending.is_empty() && skips.is_empty() {
-                    return;
+                    return Ok(());
                 }
                 let items: Vec<&Item> = pending.iter().map(|(i, _)| i).collect();
                 let started = Instant::now();
@@ -419,11 +477,13 @@ impl Pipeline {
                 );
                 link_producers(&span, &pending);
                 freshet_store::telemetry::record_trace_id(&span);
-                match commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items, &skips).instrument(span).await {
+                let committed = commit::commit(&self.pool, &self.group, &self.catalog, &self.owned, &items, &skips).instrument(span);
+                match self.shutdown.bounded(committed).await? {
                     Ok(progress) => {
+                        self.in_flight.sink_failing.store(false, Ordering::Relaxed);
                         self.note_commit(started.elapsed(), items.len(), &progress);
                         self.owned.extend(progress.into_iter().map(|(tp, (owned, _))| (tp, owned)));
-                        return;
+                        return Ok(());
                     }
                     Err(CommitError::Fenced(lost)) => {
                         for tp in lost {
@@ -431,15 +491,13 @@ impl Pipeline {
                         }
                     }
                     Err(CommitError::Sql(e)) if commit::classify(&e) == Failure::Data => {
-                        self.isolate(pending, skips, &e).await;
-                        return;
+                        return self.isolate(pending, skips, &e).await;
                     }
                     Err(CommitError::Sql(e)) => {
-                        self.in_flight.sink_struggling.store(true, Ordering::Relaxed);
+                        self.in_flight.sink_failing.store(true, Ordering::Relaxed);
                         self.metrics.add("freshet_ingest_commit_retries_total", "Commits retried after a transient failure.", &[], 1.0);
-                        let wait = backoff.next_delay();
-                        tracing::warn!(error = %e, attempt = backoff.attempts(), ?wait, "commit failed; partitions paused, retrying");
-                        tokio::time::sleep(wait).await;
+                        tracing::warn!(error = %e, attempt = backoff.attempts(), "commit failed; partitions paused, retrying");
+                        backoff.wait(&self.shutdown).await?;
                     }
                 }
             }
@@ -449,20 +507,20 @@ impl Pipeline {
     /// Postgres rejected something in `pending`: split until the record at
     /// fault is alone, dead-letter it, commit the rest, in offset order (the
     /// skips, past every record of their partitions, go last).
-    async fn isolate(&mut self, mut pending: Vec<(Item, Record)>, skips: Skips, error: &sqlx::Error) {
+    /// An abandoned half stops the rest: committing the second half alone
+    /// would skip the first.
+    async fn isolate(&mut self, mut pending: Vec<(Item, Record)>, skips: Skips, error: &sqlx::Error) -> Result<(), Abandoned> {
         if pending.len() == 1 {
             let (item, record) = &mut pending[0];
             let dlq = self.catalog.views_of_topic(&record.topic).next().map(|v| v.dlq_topic(&record.topic)).unwrap_or_default();
-            self.dead_letter(item, record, &dlq, "SINK", "freshet.sink.Rejected", &error.to_string()).await;
-            self.commit(pending, skips).await;
-            return;
+            self.dead_letter(item, record, &dlq, "SINK", "freshet.sink.Rejected", &error.to_string()).await?;
+            return self.commit(pending, skips).await;
         }
         let second = pending.split_off(pending.len() / 2);
-        self.commit(pending, Skips::new()).await;
-        self.commit(second, skips).await;
+        self.commit(pending, Skips::new()).await?;
+        self.commit(second, skips).await
     }
 
-    /// Commit latency drives flow control; the rest is for operators.
     fn note_commit(&mut self, took: Duration, records: usize, progress: &HashMap<TopicPartition, (Owned, Advance)>) {
         let m = &self.metrics;
         m.observe("freshet_ingest_commit_duration_seconds", "Time to commit one batch (state and offsets).", &[], took.as_secs_f64());
@@ -495,13 +553,6 @@ impl Pipeline {
             }
             m.set("freshet_ingest_last_commit_timestamp_seconds", "When the partition last committed.", labels, now_seconds());
         }
-        self.note_commit_time(took);
-    }
-
-    fn note_commit_time(&mut self, took: Duration) {
-        self.slow_commits = if took > self.limits.slow_commit { self.slow_commits + 1 } else { 0 };
-        // One slow commit is noise; three in a row mean the sink needs air.
-        self.in_flight.sink_struggling.store(self.slow_commits >= 3, Ordering::Relaxed);
     }
 }
 

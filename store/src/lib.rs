@@ -3,8 +3,9 @@
 //! - [`view`]: the feature-view file: what is computed and served.
 //! - [`state`]: the feature math: tiles, windows, last values; [`codec`]:
 //!   its byte layout in Postgres and Redis.
-//! - [`db`], [`entities`], [`offsets`]: the Postgres store: schema,
-//!   per-entity feature state, and per-partition progress with fencing.
+//! - [`db`], [`entities`], [`offsets`], [`owners`]: the Postgres store:
+//!   schema, per-entity feature state, per-partition progress with fencing,
+//!   and which consumer group computes each view.
 //! - [`metrics`], [`telemetry`]: the Prometheus endpoint, logs and traces of
 //!   both binaries.
 
@@ -13,6 +14,7 @@ pub mod db;
 pub mod entities;
 pub mod metrics;
 pub mod offsets;
+pub mod owners;
 pub mod state;
 pub mod telemetry;
 pub mod view;

@@ -29,8 +29,9 @@ impl Claim {
     }
 }
 
-/// Takes ownership of `partitions` of `topic` for `owner`.
-pub async fn claim(pool: &PgPool, group: &str, topic: &str, partitions: &[i32], owner: &str) -> Result<Vec<Claim>, sqlx::Error> {
+/// Takes ownership of `partitions` of `topic` for `owner`, in `tx` (whose
+/// caller checks first that `group` owns the topic's views).
+pub async fn claim(tx: &mut PgConnection, group: &str, topic: &str, partitions: &[i32], owner: &str) -> Result<Vec<Claim>, sqlx::Error> {
     let rows: Vec<(i32, i64, i64, Option<i64>)> = sqlx::query_as(
         "INSERT INTO ingest_offsets (consumer_group, topic, partition, owner_epoch, owner)
          SELECT $1, $2, p, 1, $4 FROM UNNEST($3::int4[]) AS p
@@ -42,7 +43,7 @@ pub async fn claim(pool: &PgPool, group: &str, topic: &str, partitions: &[i32], 
     .bind(topic)
     .bind(partitions)
     .bind(owner)
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await?;
     Ok(rows.into_iter().map(|(partition, epoch, next, newest)| Claim::from_row(partition, epoch, next, newest)).collect())
 }

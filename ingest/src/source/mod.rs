@@ -3,9 +3,10 @@
 //! The rdkafka poll loop runs on a thread of its own (`consumer.rs`) and
 //! talks to the async pipeline only through two typed channels: it sends
 //! [`SourceEvent`]s (records, positions, assignments, revocations, rewinds)
-//! and receives [`Command`]s (rewind, stop). Flow control needs no command: the poll loop
-//! pauses every assigned partition while [`InFlight`] is over its bounds or
-//! the sink says it is struggling, and resumes when both clear.
+//! and receives [`Command`]s (rewind, stop). Flow control needs no command:
+//! the poll loop pauses every assigned partition while [`InFlight`] is over
+//! its bounds, or while the sink is failing with records in flight, and
+//! resumes when that clears.
 
 mod consumer;
 
@@ -89,12 +90,16 @@ pub enum Command {
 }
 
 /// What has been handed to the pipeline and not yet committed or dropped.
+///
+/// A slow sink needs no flag of its own: records pile up while a commit
+/// runs, the bounds are reached and consumption pauses until the commit
+/// frees them, so memory stays bounded and batches grow to their limit.
 #[derive(Default)]
 pub struct InFlight {
     records: AtomicUsize,
     bytes: AtomicUsize,
-    /// Set by the sink while commits are failing or slow.
-    pub sink_struggling: AtomicBool,
+    /// Set by the sink while a commit is failing and being retried.
+    pub sink_failing: AtomicBool,
 }
 
 impl InFlight {
@@ -108,10 +113,14 @@ impl InFlight {
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// Whether to pause. A failing sink pauses only while it holds records:
+    /// the commit of those clears the flag or is retried; with nothing in
+    /// flight no commit could ever clear it, and consumption must go on.
     fn over(&self, max_records: usize, max_bytes: usize) -> bool {
-        self.records.load(Ordering::Relaxed) >= max_records
+        let records = self.records.load(Ordering::Relaxed);
+        records >= max_records
             || self.bytes.load(Ordering::Relaxed) >= max_bytes
-            || self.sink_struggling.load(Ordering::Relaxed)
+            || (records > 0 && self.sink_failing.load(Ordering::Relaxed))
     }
 }
 
