@@ -182,7 +182,7 @@ impl Catalog {
         let error = |span: Option<Range<usize>>, message: String| ViewError {
             origin: origin.to_string(),
             line: span.map(|s| line_of(text, s.start)),
-            message,
+            message: shorten(message),
         };
         let raw: RawFile = toml::from_str(text).map_err(|e| error(e.span(), e.message().to_string()))?;
         if raw.view.is_empty() {
@@ -223,8 +223,8 @@ fn convert_view(raw: RawView, sources: &HashSet<String>) -> Result<FeatureView, 
     }
     let dlq_topic =
         check_dlq_topic(raw.source.dlq_topic, &topics, topics_span, sources).map_err(|(span, m)| (span, format!("view {name:?}: {m}")))?;
-    if raw.entity.is_empty() || raw.source.event_time.is_empty() {
-        return Err(at_view("entity and source.event_time must name source fields".into()));
+    for (setting, field) in [("entity", &raw.entity), ("source.event_time", &raw.source.event_time)] {
+        check_field(field).map_err(|m| at_view(format!("{setting} {m}")))?;
     }
     if raw.freshness_budget.0.is_zero() || raw.max_age.0.is_zero() {
         return Err(at_view("max_age and freshness_budget must be greater than zero".into()));
@@ -351,6 +351,9 @@ fn convert_feature(raw: RawFeature) -> Result<Feature, String> {
     let name = raw.name.into_inner();
     check_name(&name).map_err(|m| format!("feature name {:?} {m}", prefix(&name)))?;
     let at = |m: &str| format!("feature {name:?}: {m}");
+    if let Some(field) = &raw.field {
+        check_field(field).map_err(|m| at(&format!("`field` {m}")))?;
+    }
     let aggregation = match raw.aggregation {
         RawAggregation::Count => Aggregation::Count,
         RawAggregation::Sum => Aggregation::Sum,
@@ -409,9 +412,25 @@ fn check_name(name: &str) -> Result<(), String> {
     if ok { Ok(()) } else { Err("must be 1 to 128 letters, digits and '_', not starting with a digit".into()) }
 }
 
+/// Source field names end up in tile series keys, which the state codec
+/// stores with a 16-bit length.
+fn check_field(field: &str) -> Result<(), String> {
+    if (1..=255).contains(&field.len()) { Ok(()) } else { Err("must name a source field (1 to 255 bytes)".into()) }
+}
+
 /// At most 64 bytes of `text`, cut on a character boundary, for messages.
 fn prefix(text: &str) -> &str {
     &text[..text.floor_char_boundary(64)]
+}
+
+/// A message of at most 512 bytes: a key name a megabyte long is quoted in
+/// part.
+fn shorten(mut message: String) -> String {
+    if message.len() > 512 {
+        message.truncate(message.floor_char_boundary(509));
+        message.push('…');
+    }
+    message
 }
 
 fn line_of(text: &str, byte: usize) -> usize {
@@ -592,6 +611,30 @@ type = "string"
         ));
         assert!(e.message.contains("\"type_len\"") && e.message.contains("another `type`"), "{e}");
         assert_eq!(e.line, Some(28), "{e}");
+    }
+
+    #[test]
+    fn source_field_names_are_1_to_255_bytes() {
+        let long = "f".repeat(256);
+        for (from, to, line) in [
+            ("field = \"event_type\"", "field = \"\"".to_string(), 22),
+            ("field = \"event_type\"", format!("field = \"{long}\""), 22),
+            ("entity = \"user_id\"", format!("entity = \"{long}\""), 3),
+            ("event_time = \"occurred_at\"", "event_time = \"\"".to_string(), 3),
+        ] {
+            let e = error_of(&GOOD.replace(from, &to));
+            assert!(e.message.contains("must name a source field (1 to 255 bytes)"), "{e}");
+            assert_eq!(e.line, Some(line), "{e}");
+        }
+        let longest = format!("field = \"{}x\"", "é".repeat(127));
+        assert!(Catalog::parse(&GOOD.replace("field = \"event_type\"", &longest), "v").is_ok());
+    }
+
+    #[test]
+    fn a_long_unknown_key_is_quoted_in_part() {
+        let e = error_of(&GOOD.replace("max_age", &"k".repeat(1_000_000)));
+        assert!(e.message.len() <= 512 && e.message.ends_with('…'), "{} bytes", e.message.len());
+        assert_eq!(e.line, Some(6));
     }
 
     #[test]
