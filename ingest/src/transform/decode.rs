@@ -208,6 +208,9 @@ fn prefix(text: &str) -> String {
 }
 
 #[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use freshet_store::view::Catalog;
