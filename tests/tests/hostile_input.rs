@@ -11,9 +11,7 @@ use freshet_store::{
 };
 use freshet_tests::{binary, brokers, create_topic, eventually, fresh_database, ingest, unique, views_file};
 use rdkafka::{
-    ClientConfig, Message,
-    consumer::{BaseConsumer, Consumer},
-    message::Headers,
+    ClientConfig,
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
 use serde_json::json;
@@ -82,31 +80,8 @@ async fn progress_after(url: &str, group: &str, records: i64) -> (i64, i64, i64,
 
 /// `(payload, error class)` of the first `n` dead letters in `dlq`.
 async fn dead_letters(dlq: &str, n: usize) -> Vec<(String, String)> {
-    let dlq = dlq.to_string();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", unique("dlq"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&dlq]).unwrap();
-        let mut letters = Vec::new();
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while letters.len() < n && std::time::Instant::now() < end {
-            let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
-            let class = m
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "__connect.errors.exception.class.name"))
-                .and_then(|h| h.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default();
-            letters.push((String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(), class));
-        }
-        letters
-    })
-    .await
-    .unwrap()
+    let letters = freshet_tests::dlq::dead_letters(dlq, n).await;
+    letters.into_iter().map(|(payload, headers)| (payload, headers["__connect.errors.exception.class.name"].clone())).collect()
 }
 
 /// What `acts` serves for `entity` now: (events in the last hour, last note).
