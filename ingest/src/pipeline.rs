@@ -390,7 +390,7 @@ impl Pipeline {
             if !view.source.topics.contains(&record.topic) {
                 continue;
             }
-            match decode::decode(view, record.payload.as_deref()) {
+            match decode::decode(view, record.payload.as_deref(), record.timestamp_ms) {
                 Ok(c) => changes.extend(c.into_iter().map(|(d, e)| (index, d, e))),
                 Err(p) => {
                     poison = Some((p, view.dlq_topic(&record.topic)));

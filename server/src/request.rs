@@ -6,7 +6,10 @@
 use std::time::Duration;
 
 use freshet_proto::v1::{EntityKey, GetFeaturesRequest, entity_key::Key};
-use freshet_store::view::{Catalog, Feature, FeatureView, KeyType};
+use freshet_store::{
+    key,
+    view::{Catalog, Feature, FeatureView, KeyType},
+};
 use tonic::Status;
 
 /// A request that is known to make sense.
@@ -81,8 +84,7 @@ pub fn plan<'a>(catalog: &'a Catalog, request: &GetFeaturesRequest, max_entities
 fn canonical_key(key: &EntityKey, expected: KeyType) -> Result<String, String> {
     match (&key.key, expected) {
         (Some(Key::Int64Key(k)), KeyType::Int64) => Ok(k.to_string()),
-        (Some(Key::StringKey(k)), KeyType::String) if !k.is_empty() && k.len() <= 1024 => Ok(k.clone()),
-        (Some(Key::StringKey(_)), KeyType::String) => Err("string keys must be 1 to 1024 bytes".into()),
+        (Some(Key::StringKey(k)), KeyType::String) => key::check_string_key(k).map(|()| k.clone()),
         (None, _) => Err("key is not set".into()),
         (_, expected) => Err(format!("the requested views are keyed by {}", key_name(expected))),
     }
@@ -150,5 +152,20 @@ mod tests {
         let mut negative = request(&["orders:spend_1h"], vec![Key::Int64Key(1)]);
         negative.max_age = Some(prost_types::Duration { seconds: -1, nanos: 0 });
         assert!(message(negative).starts_with("max_age:"));
+    }
+
+    /// The same rule ingest applies before storing a key (`freshet_store::key`).
+    #[test]
+    fn string_keys_follow_the_stores_rule() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/views/reference.toml")).unwrap();
+        let c = Catalog::parse(&text.replacen("entity_type = \"int64\"", "entity_type = \"string\"", 1), "v").unwrap();
+        let keys = |keys: Vec<String>| request(&["user_activity:events_1m"], keys.into_iter().map(Key::StringKey).collect());
+        let longest = "é".repeat(key::MAX_STRING_KEY_BYTES / 2);
+        assert_eq!(plan(&c, &keys(vec!["a".into(), longest.clone()]), 10).unwrap().entities, ["a".to_string(), longest]);
+        for (bad, len) in [(String::new(), 0), ("x".repeat(1025), 1025)] {
+            let status = plan(&c, &keys(vec!["a".into(), bad]), 10).err().unwrap();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument);
+            assert_eq!(status.message(), format!("entities[1]: string keys must be 1 to 1024 bytes, this one has {len}"));
+        }
     }
 }

@@ -11,6 +11,12 @@
 //! u16 last     × { u16 name_len, name, i64 at_ms, u8 tag, value }
 //!   tag: 0 null | 1 i64 | 2 f64 | 3 u32 len + utf-8 | 4 u8 bool | 5 i64 time
 //! ```
+//!
+//! The 16-bit counts and lengths hold because the view file bounds what
+//! they count: at most 1000 features a view, names of at most 128 bytes,
+//! source fields (and so series keys) of at most 255. Decoding trusts nothing:
+//! any bytes give a state or [`Corrupt`], never a panic or a huge allocation
+//! (`store/tests/codec_properties.rs`).
 
 use std::collections::BTreeMap;
 

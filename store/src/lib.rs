@@ -1,6 +1,7 @@
 //! What Freshet's ingest and server share.
 //!
 //! - [`view`]: the feature-view file: what is computed and served.
+//! - [`key`]: the rule every entity key obeys, at ingest and at serving.
 //! - [`state`]: the feature math: tiles, windows, last values; [`codec`]:
 //!   its byte layout in Postgres and Redis.
 //! - [`db`], [`entities`], [`offsets`], [`owners`]: the Postgres store:
@@ -12,6 +13,7 @@
 pub mod codec;
 pub mod db;
 pub mod entities;
+pub mod key;
 pub mod metrics;
 pub mod offsets;
 pub mod owners;

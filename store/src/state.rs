@@ -12,7 +12,10 @@
 //! `last` values carry their event time and are only replaced by an event at
 //! least as new, so an older event never overwrites a newer one.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Duration,
+};
 
 use crate::view::{Aggregation, Feature, FeatureView, ValueType};
 
@@ -69,7 +72,7 @@ pub struct LastValue {
 pub struct EntityState {
     /// Newest event time applied to this entity.
     pub newest_ms: i64,
-    /// Tile series by `series_key`, each sorted by start.
+    /// Tile series by [`Series::key`], each sorted by start.
     pub series: BTreeMap<String, Vec<Tile>>,
     /// `last` features by name.
     pub last: BTreeMap<String, LastValue>,
@@ -92,11 +95,49 @@ pub fn tile_width_ms(window_ms: i64) -> i64 {
     (window_ms / 50).max(100)
 }
 
-/// Features over the same field with the same tile width share one series.
-fn series_key(feature: &Feature) -> Option<String> {
-    let window = feature.window?;
-    let width = tile_width_ms(window.as_millis() as i64);
-    Some(format!("{}@{width}", feature.field.as_deref().unwrap_or("*")))
+/// The tiles shared by the windowed features of one view that read the same
+/// field with the same tile width. A view's series are worked out once, when
+/// its file loads, so applying an event costs one step per series and per
+/// `last` feature, however many features share a series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Its key in [`EntityState::series`], and so in stored state.
+    pub key: String,
+    /// The field it aggregates; `None` for counts.
+    pub field: Option<String>,
+    pub width_ms: i64,
+    /// The longest window that reads it: how far back its tiles are kept.
+    pub horizon_ms: i64,
+}
+
+/// The key of the series a feature over `field` with `window` reads.
+pub fn series_key(field: Option<&str>, window: Duration) -> String {
+    format!("{}@{}", field.unwrap_or("*"), tile_width_ms(window.as_millis() as i64))
+}
+
+/// The series `features` read, in order of first use.
+pub fn series_of(features: &[Feature]) -> Vec<Series> {
+    let mut series: Vec<Series> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for feature in features {
+        let (Some(key), Some(window)) = (&feature.series, feature.window) else {
+            continue;
+        };
+        let window_ms = window.as_millis() as i64;
+        match index.get(key.as_str()) {
+            Some(&i) => series[i].horizon_ms = series[i].horizon_ms.max(window_ms),
+            None => {
+                index.insert(key, series.len());
+                series.push(Series {
+                    key: key.clone(),
+                    field: feature.field.clone(),
+                    width_ms: tile_width_ms(window_ms),
+                    horizon_ms: window_ms,
+                });
+            }
+        }
+    }
+    series
 }
 
 /// How an event changes tiles.
@@ -113,30 +154,26 @@ impl EntityState {
     pub fn apply(&mut self, view: &FeatureView, event: &Event, direction: Direction, in_windows: bool) {
         if direction == Direction::Add {
             self.newest_ms = self.newest_ms.max(event.at_ms);
+            for feature in view.features.iter().filter(|f| f.aggregation == Aggregation::Last) {
+                work::step();
+                self.apply_last(feature, event);
+            }
         }
-        let mut touched: Vec<String> = Vec::new();
-        for feature in &view.features {
-            if feature.aggregation == Aggregation::Last {
-                if direction == Direction::Add {
-                    self.apply_last(feature, event);
+        if in_windows {
+            for series in &view.series {
+                work::step();
+                let value = match &series.field {
+                    None => Some(0.0),
+                    Some(field) => event.fields.get(field).and_then(Scalar::as_f64),
+                };
+                if let Some(value) = value {
+                    let tiles = match self.series.get_mut(&series.key) {
+                        Some(tiles) => tiles,
+                        None => self.series.entry(series.key.clone()).or_default(),
+                    };
+                    update_tile(tiles, event.at_ms, series.width_ms, value, direction);
                 }
-                continue;
             }
-            let Some(key) = series_key(feature) else {
-                continue;
-            };
-            if !in_windows || touched.contains(&key) {
-                continue;
-            }
-            let value = match &feature.field {
-                None => Some(0.0),
-                Some(field) => event.fields.get(field).and_then(Scalar::as_f64),
-            };
-            if let Some(value) = value {
-                let width = tile_width_ms(feature.window.unwrap().as_millis() as i64);
-                update_tile(self.series.entry(key.clone()).or_default(), event.at_ms, width, value, direction);
-            }
-            touched.push(key);
         }
         self.prune(view);
     }
@@ -154,26 +191,14 @@ impl EntityState {
 
     /// Drops tiles no window evaluated at or after `newest_ms` can overlap.
     fn prune(&mut self, view: &FeatureView) {
-        for feature in &view.features {
-            let (Some(key), Some(window)) = (series_key(feature), feature.window) else {
-                continue;
-            };
-            let window_ms = window.as_millis() as i64;
-            let width = tile_width_ms(window_ms);
-            // Several windows may share a series only if they share a width;
-            // keep what the longest of them needs.
-            let horizon = view
-                .features
-                .iter()
-                .filter(|f| series_key(f).as_deref() == Some(key.as_str()))
-                .filter_map(|f| f.window)
-                .map(|w| w.as_millis() as i64)
-                .max()
-                .unwrap_or(window_ms);
-            if let Some(tiles) = self.series.get_mut(&key) {
-                tiles.retain(|t| t.start_ms + width > self.newest_ms - horizon);
+        for series in &view.series {
+            work::step();
+            if let Some(tiles) = self.series.get_mut(&series.key) {
+                // Tiles are sorted by start, so the stale ones lead.
+                let stale = tiles.partition_point(|t| t.start_ms + series.width_ms <= self.newest_ms - series.horizon_ms);
+                tiles.drain(..stale);
                 if tiles.is_empty() {
-                    self.series.remove(&key);
+                    self.series.remove(&series.key);
                 }
             }
         }
@@ -191,7 +216,7 @@ impl EntityState {
         let window_ms = feature.window.map(|w| w.as_millis() as i64).unwrap_or_default();
         let width = tile_width_ms(window_ms);
         let empty = Vec::new();
-        let tiles = series_key(feature).and_then(|k| self.series.get(&k)).unwrap_or(&empty);
+        let tiles = feature.series.as_ref().and_then(|k| self.series.get(k)).unwrap_or(&empty);
         let mut total = Tile { start_ms: 0, count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY, newest_ms: i64::MIN };
         for tile in tiles.iter().filter(|t| t.start_ms + width > now_ms - window_ms) {
             total.count += tile.count;
@@ -245,10 +270,25 @@ fn update_tile(tiles: &mut Vec<Tile>, at_ms: i64, width: i64, value: f64, direct
     }
 }
 
+/// Counts the steps of applying events, so a test can check that the work
+/// grows linearly with a view's features; nothing outside tests.
+mod work {
+    #[cfg(test)]
+    thread_local! {
+        pub static STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    }
+
+    #[inline]
+    pub fn step() {
+        #[cfg(test)]
+        STEPS.with(|s| s.set(s.get() + 1));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::view::Catalog;
+    use crate::view::{Catalog, MAX_FEATURES};
 
     const VIEWS: &str = r#"
 [[view]]
@@ -376,6 +416,54 @@ type = "string"
         // 10 000 s of events, one a second: the hour series keeps about an
         // hour of 72 s tiles, the 10 s one about 10 s of 200 ms tiles.
         assert!(s.series.values().all(|tiles| tiles.len() <= 52), "{:?}", s.series.values().map(Vec::len).collect::<Vec<_>>());
+    }
+
+    /// A view of `n` features: counts, sums over their own fields, averages
+    /// over one shared field, and `last` values, in equal parts.
+    fn wide_view(n: usize) -> FeatureView {
+        let mut text = VIEWS[..VIEWS.find("[[view.feature]]").unwrap()].to_string();
+        for i in 0..n {
+            let kind = match i % 4 {
+                0 => format!("aggregation = \"count\"\nwindow = \"{}s\"", i + 1),
+                1 => format!("aggregation = \"sum\"\nfield = \"f{i}\"\ntype = \"int64\"\nwindow = \"1h\""),
+                2 => "aggregation = \"avg\"\nfield = \"amount\"\ntype = \"double\"\nwindow = \"1h\"".to_string(),
+                _ => format!("aggregation = \"last\"\nfield = \"l{i}\"\ntype = \"string\""),
+            };
+            text += &format!("[[view.feature]]\nname = \"x{i}\"\n{kind}\n");
+        }
+        Catalog::parse(&text, "t").unwrap().views.remove(0)
+    }
+
+    /// Steps taken to apply 20 events, each carrying every field, to one entity.
+    fn steps_to_apply(view: &FeatureView) -> u64 {
+        let mut fields = BTreeMap::new();
+        for f in view.features.iter().filter_map(|f| f.field.as_ref()) {
+            fields.insert(f.clone(), if f.starts_with('l') { Scalar::Str("s".into()) } else { Scalar::Int(3) });
+        }
+        let mut s = EntityState::default();
+        work::STEPS.with(|c| c.set(0));
+        for i in 0..20 {
+            s.apply(view, &Event { entity: "1".into(), at_ms: 1_000_000 + i * 977, fields: fields.clone() }, Direction::Add, true);
+        }
+        work::STEPS.with(|c| c.get())
+    }
+
+    /// Applying an event is linear in a view's features: each series and
+    /// each `last` feature is visited a bounded number of times, however many
+    /// features there are (it used to be one scan of all features per feature).
+    #[test]
+    fn applying_is_linear_in_features() {
+        let (half, full) = (wide_view(MAX_FEATURES / 2), wide_view(MAX_FEATURES));
+        // Worked out once on load: the 250 sums have a series each, the 250
+        // counts one per tile width (1 s and 5 s windows share 100 ms tiles),
+        // and the 250 hourly averages of one field share a single series.
+        assert_eq!(full.series.len(), 250 + 249 + 1);
+        let (small, large) = (steps_to_apply(&half), steps_to_apply(&full));
+        // Per event: one step per `last` feature, two per series (update, prune).
+        let lasts = MAX_FEATURES as u64 / 4;
+        assert_eq!(large, 20 * (lasts + 2 * full.series.len() as u64));
+        assert!(large <= 20 * 3 * MAX_FEATURES as u64, "{large} steps");
+        assert!(large <= 2 * small + 20 * 4, "doubling the features doubles the work: {small} → {large}");
     }
 
     /// Shuffling events in event time gives the same windows and last values.

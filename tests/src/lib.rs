@@ -6,6 +6,7 @@
 //! group and server port.
 
 pub mod acts;
+pub mod dlq;
 
 use std::{
     path::PathBuf,

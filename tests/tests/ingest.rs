@@ -2,7 +2,7 @@
 //! are never applied, SIGKILL at random points loses and doubles nothing,
 //! and poison records go to the DLQ with their origin while the rest flows.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use freshet_store::{
     entities,
@@ -15,9 +15,7 @@ use freshet_tests::{
 };
 use rand::{Rng, SeedableRng};
 use rdkafka::{
-    ClientConfig, Message,
-    consumer::{BaseConsumer, Consumer},
-    message::Headers,
+    ClientConfig,
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
 
@@ -135,32 +133,7 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
     assert_eq!(rows, 2, "the rejected record left no trace");
 
     // The DLQ holds each poison record with its origin and error.
-    let dlq = format!("{topic}.dlq");
-    let letters = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", unique("dlq-reader"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&dlq]).unwrap();
-        let mut letters = Vec::new();
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while letters.len() < 4 && std::time::Instant::now() < end {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let headers: BTreeMap<String, String> = m
-                    .headers()
-                    .map(|h| {
-                        h.iter().map(|h| (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect()
-                    })
-                    .unwrap_or_default();
-                letters.push((String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(), headers));
-            }
-        }
-        letters
-    })
-    .await
-    .unwrap();
+    let letters = freshet_tests::dlq::dead_letters(&format!("{topic}.dlq"), 4).await;
     let poison: Vec<(usize, &str)> = records.iter().enumerate().filter_map(|(i, (_, class))| class.map(|c| (i, c))).collect();
     assert_eq!(letters.len(), poison.len(), "{letters:?}");
     for ((payload, headers), (offset, class)) in letters.iter().zip(&poison) {

@@ -12,7 +12,9 @@ mod file;
 
 use std::time::Duration;
 
-pub use file::ViewError;
+pub use file::{MAX_FEATURES, ViewError};
+
+use crate::state::Series;
 
 /// All views of one deployment, loaded from one file.
 #[derive(Debug, Clone)]
@@ -34,8 +36,13 @@ pub struct FeatureView {
     /// Events older than the partition's newest event time minus this are
     /// "too late": counted, and kept out of windows.
     pub allowed_lateness: Duration,
+    /// Events dated further than this ahead of their record's timestamp are
+    /// poison: one wrong clock must not move the lateness reference.
+    pub max_future: Duration,
     pub source: Source,
     pub features: Vec<Feature>,
+    /// The tile series the windowed features read, worked out on load.
+    pub series: Vec<Series>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +103,8 @@ pub struct Feature {
     pub field_type: ValueType,
     /// `None` only for `last`.
     pub window: Option<Duration>,
+    /// Key of the tile series it reads (see [`Series`]); `None` only for `last`.
+    pub series: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
