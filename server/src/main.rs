@@ -5,6 +5,7 @@
 //! `views` checks a feature-view file and prints what it declares.
 
 mod cache;
+mod evaluate;
 mod freshness;
 mod layers;
 mod reader;
@@ -72,6 +73,13 @@ struct ServeArgs {
     /// Entities per GetFeatures request.
     #[arg(long, env = "FRESHET_MAX_ENTITIES", default_value_t = 1000)]
     max_entities: usize,
+    /// Feature references per GetFeatures request.
+    #[arg(long, env = "FRESHET_MAX_FEATURES", default_value_t = 1000)]
+    max_features: usize,
+    /// Values per GetFeatures answer (entities × features): what bounds one
+    /// call's memory and time.
+    #[arg(long, env = "FRESHET_MAX_VALUES", default_value_t = 100_000)]
+    max_values: usize,
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "FRESHET_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
     max_request_bytes: usize,
@@ -183,7 +191,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         reader: reader::Reader { pool: pool.clone(), cache },
         pool,
         group: args.group,
-        max_entities: args.max_entities,
+        limits: request::Limits { max_features: args.max_features, max_entities: args.max_entities, max_values: args.max_values },
     };
     let limits = layers::Limits {
         max_in_flight: args.max_in_flight,
