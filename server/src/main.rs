@@ -198,13 +198,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         default_deadline: Duration::from_millis(args.default_deadline_ms),
         metrics: metrics.clone(),
         tokens: match &args.tokens_file {
-            Some(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read tokens file {}", path.display()))?
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect(),
+            Some(path) => layers::auth::read_tokens(path)?,
             None => Vec::new(),
         },
     };
