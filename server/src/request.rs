@@ -277,7 +277,7 @@ mod tests {
         assert_eq!(names(freshness_views(&c, &["orders".into()]).unwrap()), ["orders"]);
         let refused = |asked: &[&str]| {
             let asked: Vec<String> = asked.iter().map(|s| s.to_string()).collect();
-            let status = freshness_views(&c, &asked).err().expect("refused");
+            let status = freshness_views(&c, &asked).expect_err("refused");
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             status.message().to_string()
         };

@@ -18,12 +18,17 @@ use freshet_store::{
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
-use crate::{evaluate, freshness, layers::deadline::CallDeadline, reader::Reader, request};
+use crate::{
+    evaluate, freshness,
+    health::unavailable,
+    layers::deadline::CallDeadline,
+    reader::{CacheOutcome, Reader},
+    request,
+};
 
 pub struct Features {
     pub catalog: Arc<Catalog>,
     pub reader: Reader,
-    pub pool: PgPool,
     /// Ingest's consumer group, whose progress GetFreshness reports.
     pub group: String,
     pub limits: request::Limits,
@@ -41,6 +46,10 @@ impl FeatureService for Features {
         let plan = request::plan(&self.catalog, &request, self.limits)?;
         let now_ms = now_ms();
         let (states, cache) = self.reader.read(&plan.views, &plan.entities).await?;
+        let stale_cache_age = match cache {
+            CacheOutcome::Stale(age) => Some(duration(age)),
+            _ => None,
+        };
         self.metrics.add("freshet_server_cache_reads_total", "GetFeatures reads by cache outcome.", &[("outcome", cache.as_str())], 1.0);
         tracing::Span::current().record("cache", tracing::field::debug(cache));
         let mut values = evaluate::evaluate(&plan, &states, now_ms, || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)).await?;
@@ -60,14 +69,20 @@ impl FeatureService for Features {
                 EntityFeatures { entity: Some(key), values }
             })
             .collect();
-        Ok(Response::new(GetFeaturesResponse { feature_names: request.features, results, served_at: Some(timestamp(now_ms)) }))
+        Ok(Response::new(GetFeaturesResponse {
+            feature_names: request.features,
+            results,
+            served_at: Some(timestamp(now_ms)),
+            stale_cache_age,
+        }))
     }
 
     async fn get_freshness(&self, request: Request<GetFreshnessRequest>) -> Result<Response<GetFreshnessResponse>, Status> {
         let asked = request.into_inner().views;
         let views = request::freshness_views(&self.catalog, &asked)?;
         let topics = self.catalog.topics();
-        let mut statuses = offsets::status(&self.pool, &self.group, &topics).await.map_err(unavailable)?;
+        let postgres = &self.reader.postgres;
+        let mut statuses = postgres.run(offsets::status(&postgres.pool, &self.group, &topics)).await?;
         for p in &mut statuses {
             if let Some(high) = self.watermarks.get(&p.topic, p.partition) {
                 p.high_watermark = p.high_watermark.max(high);
@@ -178,11 +193,6 @@ fn proto_type(t: ValueType) -> ProtoType {
         ValueType::Bool => ProtoType::Bool,
         ValueType::Timestamp => ProtoType::Timestamp,
     }
-}
-
-pub fn unavailable(e: sqlx::Error) -> Status {
-    tracing::warn!(error = %e, "store unavailable");
-    Status::unavailable("the feature store is unavailable; retry with backoff")
 }
 
 fn now_ms() -> i64 {
