@@ -6,14 +6,24 @@
 //! as server faults or ignore them: Freshet answers `INVALID_ARGUMENT`
 //! (keeping the decoder's message, which names the field) and
 //! `RESOURCE_EXHAUSTED`, gRPC's code for a message over the limit.
+//!
+//! A call whose request body could not be read (its client closed the
+//! connection mid-request) is answered, and so counted, `CANCELLED`: tonic
+//! would say `UNKNOWN`, a server fault, for what the client did.
 
 use std::{
     future::Future,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     task::{Context, Poll},
 };
 
-use tonic::{Code, Status};
+use bytes::Bytes;
+use http_body::Frame;
+use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 
 #[derive(Clone, Default)]
@@ -31,9 +41,9 @@ pub struct Refusals<S> {
     inner: S,
 }
 
-impl<S, B, R> Service<http::Request<B>> for Refusals<S>
+impl<S, R> Service<http::Request<Body>> for Refusals<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S: Service<http::Request<Body>, Response = http::Response<R>>,
     S::Future: Send + 'static,
 {
     type Response = http::Response<R>;
@@ -44,18 +54,51 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let unreadable = Arc::new(AtomicBool::new(false));
+        let request = request.map(|body| Body::new(Watched { body, unreadable: unreadable.clone() }));
         let call = self.inner.call(request);
         Box::pin(async move {
             let mut response = call.await?;
             // Refusals are trailers-only responses: the status is in the headers.
-            if let Some(status) = Status::from_header_map(response.headers()).and_then(|s| recode(&s)) {
-                // Only fails for a message that is not valid header text, and
-                // tonic's messages it replaces are.
+            let recoded = match unreadable.load(Ordering::Relaxed) {
+                true => Some(Status::cancelled("the client went away before its request was read")),
+                false => Status::from_header_map(response.headers()).and_then(|s| recode(&s)),
+            };
+            if let Some(status) = recoded {
+                // Only fails for a message that is not valid header text;
+                // these are.
                 let _ = status.add_header(response.headers_mut());
             }
             Ok(response)
         })
+    }
+}
+
+/// A request body that notes a failure to read it.
+struct Watched {
+    body: Body,
+    unreadable: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Watched {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &frame {
+            self.unreadable.store(true, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -72,6 +115,37 @@ fn recode(status: &Status) -> Option<Status> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body whose connection dies before the first byte.
+    struct Broken;
+
+    impl http_body::Body for Broken {
+        type Data = Bytes;
+        type Error = Status;
+        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Ready(Some(Err(Status::unknown("h2 protocol error: connection closed"))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_request_the_client_abandoned_is_cancelled_not_unknown() {
+        // What tonic does: read the body, answer its failure UNKNOWN.
+        let handler = tower::service_fn(|request: http::Request<Body>| async move {
+            let mut body = request.into_body();
+            let read = std::future::poll_fn(|cx| http_body::Body::poll_frame(Pin::new(&mut body), cx)).await;
+            let status = match read {
+                Some(Err(status)) => status,
+                _ => Status::ok(""),
+            };
+            Ok::<_, std::convert::Infallible>(status.into_http::<Body>())
+        });
+        let mut service = RefusalsLayer.layer(handler);
+        let code = |response: &http::Response<Body>| response.headers().get("grpc-status").unwrap().to_str().unwrap().to_string();
+        let abandoned = service.call(http::Request::new(Body::new(Broken))).await.unwrap();
+        assert_eq!(code(&abandoned), "1");
+        let read = service.call(http::Request::new(Body::empty())).await.unwrap();
+        assert_eq!(code(&read), "0");
+    }
 
     #[test]
     fn recodes_decode_and_size_refusals_only() {
