@@ -63,16 +63,18 @@ pub fn unavailable(e: sqlx::Error) -> Status {
     Status::unavailable("the feature store is unavailable; retry with backoff")
 }
 
-/// Starts probing the stores behind `pool` and `cache`, keeping `health`
-/// up to date; `stale_for` is how long the cache alone keeps the server
-/// SERVING. Stop it (abort the task) before [`stopping`].
-pub fn start(
+/// Declares the server SERVING and starts probing the stores behind `pool`
+/// and `cache`, keeping `health` up to date; `stale_for` is how long the
+/// cache alone keeps the server SERVING. Stop it (abort the task) before
+/// [`stopping`].
+pub async fn start(
     pool: PgPool,
     cache: Option<Cache>,
     stale_for: Duration,
     health: HealthReporter,
     metrics: Arc<Metrics>,
 ) -> (Postgres, tokio::task::JoinHandle<()>) {
+    set(&health, ServingStatus::Serving).await;
     let (reachable, receiver) = watch::channel(Reachable::Yes);
     let options = (*pool.connect_options()).clone();
     let task = tokio::spawn(probe(options, cache, stale_for, health, reachable, metrics));
@@ -88,7 +90,9 @@ async fn probe(
     metrics: Arc<Metrics>,
 ) {
     let mut connection: Option<PgConnection> = None;
-    let mut serving = None;
+    // Announced by `start`; from then on only changes are (Watch streams
+    // hear of each one).
+    let mut serving = true;
     loop {
         let up = match tokio::time::timeout(PROBE_TIMEOUT, ping(&mut connection, &options)).await {
             Ok(up) => up,
@@ -120,9 +124,9 @@ async fn probe(
             Reachable::Yes => true,
             Reachable::No { since } => redis && since.elapsed() < stale_for,
         };
-        if serving != Some(now_serving) {
+        if serving != now_serving {
             set(&health, if now_serving { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
-            serving = Some(now_serving);
+            serving = now_serving;
         }
         tokio::time::sleep(PROBE_EVERY).await;
     }

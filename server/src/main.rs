@@ -169,8 +169,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<FeatureServiceServer<service::Features>>().await;
-    let (postgres, probe) = health::start(pool, cache.clone(), stale_for, health.clone(), metrics.clone());
+    let (postgres, probe) = health::start(pool, cache.clone(), stale_for, health.clone(), metrics.clone()).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
