@@ -85,7 +85,7 @@ async fn serves_every_status_and_type_in_request_order() {
     assert_eq!(kind(1, 5), Some(Kind::BoolValue(false)), "the newest order's flag");
     assert_eq!(kind(1, 6), Some(Kind::StringValue("click".into())));
     let at = prost_types::Timestamp { seconds: (now - 3000).div_euclid(1000), nanos: ((now - 3000).rem_euclid(1000) * 1_000_000) as i32 };
-    assert_eq!(kind(1, 7), Some(Kind::TimestampValue(at.clone())));
+    assert_eq!(kind(1, 7), Some(Kind::TimestampValue(at)));
     assert_eq!(rows[1].values[6].event_time, Some(at));
     assert!((0..8).all(|c| status(1, c) == FeatureStatus::Present));
 
