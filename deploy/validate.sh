@@ -477,6 +477,7 @@ EXPORTED = {
     "freshet_server_shed_calls_total": ("counter", set()),
     "freshet_server_cache_reads_total": ("counter", {"outcome"}),
     "freshet_server_cache_degraded": ("gauge", set()),
+    "freshet_server_store_up": ("gauge", set()),
     "freshet_source_replication_slot_lag_bytes": ("gauge", {"slot"}),
     "freshet_source_replication_slot_retained_bytes": ("gauge", {"slot"}),
     "freshet_source_replication_slot_active": ("gauge", {"slot"}),
@@ -484,7 +485,7 @@ EXPORTED = {
 # Not Freshet's: Prometheus' own series per scrape target.
 OTHERS = {"up": set()}
 TARGET = {"job", "instance"}  # added by Prometheus to every scraped series
-VALUES = {"outcome": {"hit", "partial", "miss", "bypassed"}}
+VALUES = {"outcome": {"hit", "partial", "miss", "bypassed", "stale"}}
 
 SERIES = dict(OTHERS)
 for name, (kind, labels) in EXPORTED.items():

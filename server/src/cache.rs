@@ -11,9 +11,15 @@
 //! A miss reads Postgres and fills the cache only if the generation is still
 //! the one seen before the read (checked and set atomically in Redis), so a
 //! fill racing a commit cannot put back what the commit replaced. If the
-//! listener misses notifications (its connection dropped), entries expire
-//! after `ttl`: that is the staleness bound in the worst case; in the normal
-//! case a commit is visible as soon as its notification is handled.
+//! listener misses notifications (its connection dropped), entries are
+//! refreshed from Postgres once older than `ttl`: that is the staleness bound
+//! in the worst case; in the normal case a commit is visible as soon as its
+//! notification is handled.
+//!
+//! Entries live `stale_for` longer than `ttl` in Redis (their age is read
+//! from their remaining time to live): an entry past its TTL is refreshed
+//! like a miss, but while Postgres cannot be reached it is still served,
+//! and the answer says so. Past `ttl + stale_for` it is gone.
 
 use std::{
     sync::{
@@ -26,12 +32,24 @@ use std::{
 use freshet_store::{codec, entities, entities::RowKey, metrics::Metrics, state::EntityState};
 use redis::aio::ConnectionManager;
 
+/// A cached row: its state, or `None` for an entity the view does not know.
+pub type Entry = Option<EntityState>;
+
 /// What the cache said about one row.
 pub enum Lookup {
-    /// Cached: the state, or `None` for an entity the view does not know.
-    Hit(Option<EntityState>),
-    /// Not cached; fill it with this generation.
-    Miss(String),
+    /// Cached, and younger than the TTL.
+    Fresh(Entry),
+    /// Not cached, or cached longer than the TTL: read Postgres and fill the
+    /// entry with `generation`. An entry past its TTL comes along, to serve
+    /// while Postgres cannot be reached.
+    Refresh { generation: String, stale: Option<Stale> },
+}
+
+/// A cache entry past its TTL.
+pub struct Stale {
+    pub entry: Entry,
+    /// Since it was filled.
+    pub age: Duration,
 }
 
 #[derive(Clone)]
@@ -39,6 +57,8 @@ pub struct Cache {
     redis: ConnectionManager,
     prefix: Arc<str>,
     ttl: Duration,
+    /// How long past `ttl` an entry is kept for Postgres outages.
+    stale_for: Duration,
     /// Set while Redis is failing: reads go straight to Postgres.
     pub degraded: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
@@ -49,7 +69,7 @@ const FILL: &str =
     "if (redis.call('GET', KEYS[2]) or '') == ARGV[2] then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end return 0";
 
 impl Cache {
-    pub async fn connect(url: &str, prefix: &str, ttl: Duration, metrics: Arc<Metrics>) -> redis::RedisResult<Cache> {
+    pub async fn connect(url: &str, prefix: &str, ttl: Duration, stale_for: Duration, metrics: Arc<Metrics>) -> redis::RedisResult<Cache> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             // A slow cache is worse than none: give up quickly and use Postgres.
@@ -58,7 +78,7 @@ impl Cache {
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
         let redis = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Cache { redis, prefix: prefix.into(), ttl, degraded: Arc::default(), metrics })
+        Ok(Cache { redis, prefix: prefix.into(), ttl, stale_for, degraded: Arc::default(), metrics })
     }
 
     fn state_key(&self, (view, entity): &RowKey) -> String {
@@ -73,18 +93,24 @@ impl Cache {
     pub async fn get(&self, rows: &[RowKey]) -> redis::RedisResult<Vec<Lookup>> {
         let mut pipe = redis::pipe();
         for row in rows {
-            pipe.get(self.state_key(row)).get(self.generation_key(row));
+            let key = self.state_key(row);
+            pipe.get(&key).pttl(&key).get(self.generation_key(row));
         }
-        let values: Vec<(Option<Vec<u8>>, Option<String>)> = self.observe(pipe.query_async(&mut self.redis.clone()).await)?;
+        let values: Vec<(Option<Vec<u8>>, i64, Option<String>)> = self.observe(pipe.query_async(&mut self.redis.clone()).await)?;
+        let lifetime = self.ttl + self.stale_for;
         Ok(values
             .into_iter()
-            .map(|(state, generation)| match state {
-                Some(bytes) if bytes.is_empty() => Lookup::Hit(None),
-                Some(bytes) => match codec::decode(&bytes) {
-                    Ok(state) => Lookup::Hit(Some(state)),
-                    Err(_) => Lookup::Miss(generation.unwrap_or_default()),
-                },
-                None => Lookup::Miss(generation.unwrap_or_default()),
+            .map(|(bytes, remaining_ms, generation)| {
+                let entry = bytes.and_then(|bytes| match bytes.is_empty() {
+                    true => Some(None),
+                    false => codec::decode(&bytes).ok().map(Some),
+                });
+                // PTTL: -1 for a key without expiry (not one of ours), -2 for none.
+                let age = lifetime.saturating_sub(Duration::from_millis(remaining_ms.max(0) as u64));
+                match entry {
+                    Some(entry) if remaining_ms == -1 || age < self.ttl => Lookup::Fresh(entry),
+                    stale => Lookup::Refresh { generation: generation.unwrap_or_default(), stale: stale.map(|entry| Stale { entry, age }) },
+                }
             })
             .collect())
     }
@@ -96,7 +122,7 @@ impl Cache {
             return;
         }
         let mut pipe = redis::pipe();
-        let ttl = self.ttl.as_millis() as u64;
+        let lifetime = (self.ttl + self.stale_for).as_millis() as u64;
         for (row, generation, state) in &rows {
             pipe.cmd("EVAL")
                 .arg(FILL)
@@ -105,7 +131,7 @@ impl Cache {
                 .arg(self.generation_key(row))
                 .arg(state.map(codec::encode).unwrap_or_default())
                 .arg(generation)
-                .arg(ttl)
+                .arg(lifetime)
                 .ignore();
         }
         let cache = self.clone();

@@ -5,7 +5,9 @@
 //! `views` checks a feature-view file and prints what it declares.
 
 mod cache;
+mod evaluate;
 mod freshness;
+mod health;
 mod layers;
 mod reader;
 mod request;
@@ -18,7 +20,6 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use freshet_proto::v1::{FILE_DESCRIPTOR_SET, feature_service_server::FeatureServiceServer};
 use freshet_store::{db, view::Catalog};
-use tonic_health::ServingStatus;
 
 #[derive(Parser)]
 #[command(name = "freshet-server", version, about = "Serves Freshet's features over gRPC")]
@@ -30,7 +31,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve GetFeatures, GetFreshness and ListFeatureViews.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply the store's migrations to the database.
     Migrate(DbArgs),
     /// Check a feature-view file and print what it declares.
@@ -72,6 +73,13 @@ struct ServeArgs {
     /// Entities per GetFeatures request.
     #[arg(long, env = "FRESHET_MAX_ENTITIES", default_value_t = 1000)]
     max_entities: usize,
+    /// Feature references per GetFeatures request.
+    #[arg(long, env = "FRESHET_MAX_FEATURES", default_value_t = 1000)]
+    max_features: usize,
+    /// Values per GetFeatures answer (entities × features): what bounds one
+    /// call's memory and time.
+    #[arg(long, env = "FRESHET_MAX_VALUES", default_value_t = 100_000)]
+    max_values: usize,
     /// Largest request message accepted, in bytes.
     #[arg(long, env = "FRESHET_MAX_REQUEST_BYTES", default_value_t = 4 << 20)]
     max_request_bytes: usize,
@@ -93,6 +101,11 @@ struct ServeArgs {
     /// Longest a cache entry may outlive a missed invalidation, in ms.
     #[arg(long, env = "FRESHET_CACHE_TTL_MS", default_value_t = 5000)]
     cache_ttl_ms: u64,
+    /// While Postgres cannot be reached: how long past --cache-ttl-ms cache
+    /// entries are still served (answers say so), and how long health stays
+    /// SERVING on the cache alone, in ms; 0 turns this off.
+    #[arg(long, env = "FRESHET_CACHE_STALE_MS", default_value_t = 60_000)]
+    cache_stale_ms: u64,
     /// File of accepted bearer tokens, one per line; without it, no auth.
     #[arg(long, env = "FRESHET_TOKENS_FILE")]
     tokens_file: Option<PathBuf>,
@@ -122,13 +135,17 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}: {} features from {:?}: {}", view.name, features.len(), view.source.topics, features.join(", "));
             }
         }
-        Command::Serve(args) => serve(args).await?,
+        Command::Serve(args) => serve(*args).await?,
     }
     Ok(())
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let catalog = Arc::new(Catalog::load(&args.views.views)?);
+    let tokens = match &args.tokens_file {
+        Some(path) => layers::auth::read_tokens(path)?,
+        None => Vec::new(),
+    };
     let metrics = Arc::new(freshet_store::metrics::Metrics::default());
     if let Some(address) = args.metrics_listen {
         let bound = freshet_store::metrics::serve(metrics.clone(), address).await?;
@@ -137,13 +154,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pool = db::connect(&args.db.database_url, args.db_connections).await?;
     db::ensure_migrated(&pool).await?;
 
+    let stale_for = Duration::from_millis(args.cache_stale_ms);
     let cache = match &args.redis_url {
         Some(url) => {
             let prefix = match &args.cache_prefix {
                 Some(prefix) => prefix.clone(),
                 None => format!("freshet:{}", sqlx::query_scalar::<_, String>("SELECT current_database()::text").fetch_one(&pool).await?),
             };
-            let cache = cache::Cache::connect(url, &prefix, Duration::from_millis(args.cache_ttl_ms), metrics.clone()).await?;
+            let cache = cache::Cache::connect(url, &prefix, Duration::from_millis(args.cache_ttl_ms), stale_for, metrics.clone()).await?;
             tokio::spawn(cache::follow_commits(cache.clone(), pool.clone()));
             Some(cache)
         }
@@ -151,8 +169,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<FeatureServiceServer<service::Features>>().await;
-    tokio::spawn(watch_stores(health.clone(), pool.clone(), cache.clone()));
+    let (postgres, probe) = health::start(pool, cache.clone(), stale_for, health.clone(), metrics.clone()).await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -180,26 +197,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         source,
         metrics: metrics.clone(),
         catalog,
-        reader: reader::Reader { pool: pool.clone(), cache },
-        pool,
+        reader: reader::Reader { postgres, cache },
         group: args.group,
-        max_entities: args.max_entities,
+        limits: request::Limits { max_features: args.max_features, max_entities: args.max_entities, max_values: args.max_values },
     };
-    let limits = layers::Limits {
-        max_in_flight: args.max_in_flight,
-        default_deadline: Duration::from_millis(args.default_deadline_ms),
-        metrics: metrics.clone(),
-        tokens: match &args.tokens_file {
-            Some(path) => std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read tokens file {}", path.display()))?
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(String::from)
-                .collect(),
-            None => Vec::new(),
-        },
-    };
+    let default_deadline = Duration::from_millis(args.default_deadline_ms);
+    let limits = layers::Limits { max_in_flight: args.max_in_flight, default_deadline, metrics: metrics.clone(), tokens };
     let mut builder = tonic::transport::Server::builder();
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let identity = tonic::transport::Identity::from_pem(
@@ -215,38 +218,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("freshet-server listening on {address}");
     tracing::info!(%address, "serving");
 
-    builder
+    let (stopping, stopped) = tokio::sync::oneshot::channel();
+    let server = builder
         .layer(layers::compose(&limits))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown())
-        .await?;
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async {
+            shutdown_signal().await;
+            probe.abort();
+            let _ = probe.await;
+            health::stopping(health).await;
+            tracing::info!("shutting down: NOT_SERVING; draining calls in flight");
+            let _ = stopping.send(());
+        });
+    // No unary call outlives the default deadline; a stream that would hold
+    // the drain open longer is cut.
+    let drain = default_deadline + Duration::from_secs(1);
+    let drained = async {
+        match stopped.await {
+            Ok(()) => tokio::time::sleep(drain).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = drained => tracing::warn!(?drain, "calls still open after the drain period; stopping"),
+    }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Health follows the ability to answer: SERVING while Postgres answers or
-/// a (warm) cache does; NOT_SERVING when neither does.
-async fn watch_stores(health: tonic_health::server::HealthReporter, pool: sqlx::PgPool, cache: Option<cache::Cache>) {
-    let service = <FeatureServiceServer<service::Features> as tonic::server::NamedService>::NAME;
-    let mut last = None;
-    loop {
-        let postgres = tokio::time::timeout(Duration::from_secs(1), sqlx::query("SELECT 1").execute(&pool)).await.is_ok_and(|r| r.is_ok());
-        let redis = match &cache {
-            Some(cache) => cache.ping().await,
-            None => false,
-        };
-        let ok = postgres || redis;
-        if last != Some(ok) {
-            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
-            health.set_service_status(service, status).await;
-            health.set_service_status("", status).await;
-            last = Some(ok);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
 }
 
 /// Replication slot lag as metrics, so an alert fires before WAL fills the disk.
@@ -282,7 +283,7 @@ async fn watch_slots(source: sqlx::PgPool, metrics: Arc<freshet_store::metrics::
     }
 }
 
-async fn shutdown() {
+async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

@@ -3,23 +3,24 @@
 //!
 //! Redis failing is not the caller's problem: reads go to Postgres and the
 //! cache is marked degraded. Postgres failing is, only for what the cache
-//! does not hold: a request fully answered from the cache is served.
+//! cannot answer: a request whose rows are all cached, even past their TTL
+//! (within the stale window), is served, and says so; any other fails at once
+//! with `UNAVAILABLE`.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, time::Duration};
 
 use freshet_store::{entities, entities::RowKey, state::EntityState, view::FeatureView};
-use sqlx::PgPool;
 use tonic::Status;
 use tracing::Instrument;
 
 use crate::{
     cache::{Cache, Lookup},
-    service::unavailable,
+    health::Postgres,
 };
 
 #[derive(Clone)]
 pub struct Reader {
-    pub pool: PgPool,
+    pub postgres: Postgres,
     pub cache: Option<Cache>,
 }
 
@@ -30,6 +31,9 @@ pub enum CacheOutcome {
     Partial,
     Miss,
     Bypassed,
+    /// Postgres could not be reached and rows past their TTL were served;
+    /// the oldest was this old.
+    Stale(Duration),
 }
 
 impl CacheOutcome {
@@ -39,6 +43,7 @@ impl CacheOutcome {
             CacheOutcome::Partial => "partial",
             CacheOutcome::Miss => "miss",
             CacheOutcome::Bypassed => "bypassed",
+            CacheOutcome::Stale(_) => "stale",
         }
     }
 }
@@ -56,30 +61,33 @@ impl Reader {
             None => None,
         };
         let Some(lookups) = lookups else {
-            return Ok((self.from_postgres(&rows).await?, CacheOutcome::Bypassed));
+            return Ok((self.postgres_read(&rows).await?, CacheOutcome::Bypassed));
         };
-        let mut misses = Vec::new();
+        let mut refresh = Vec::new();
         for (row, lookup) in rows.into_iter().zip(lookups) {
             match lookup {
-                Lookup::Hit(Some(state)) => {
+                Lookup::Fresh(Some(state)) => {
                     found.insert(row, state);
                 }
-                Lookup::Hit(None) => {}
-                Lookup::Miss(generation) => misses.push((row, generation)),
+                Lookup::Fresh(None) => {}
+                Lookup::Refresh { generation, stale } => refresh.push((row, generation, stale)),
             }
         }
-        let outcome = match (misses.is_empty(), found.is_empty()) {
+        let outcome = match (refresh.is_empty(), found.is_empty()) {
             (true, _) => return Ok((found, CacheOutcome::Hit)),
             (false, true) => CacheOutcome::Miss,
             (false, false) => CacheOutcome::Partial,
         };
-        let missed: Vec<RowKey> = misses.iter().map(|(r, _)| r.clone()).collect();
-        let loaded = self.from_postgres(&missed).await?;
+        let wanted: Vec<RowKey> = refresh.iter().map(|(r, _, _)| r.clone()).collect();
+        let loaded = match self.postgres_read(&wanted).await {
+            Ok(loaded) => loaded,
+            Err(status) => return serve_stale(found, refresh.into_iter().map(|(row, _, stale)| (row, stale)), status),
+        };
         if let Some(cache) = &self.cache {
             cache.fill(
-                misses
+                refresh
                     .into_iter()
-                    .map(|(row, generation)| {
+                    .map(|(row, generation, _)| {
                         let state = loaded.get(&row);
                         (row, generation, state)
                     })
@@ -90,13 +98,58 @@ impl Reader {
         Ok((found, outcome))
     }
 
-    async fn from_postgres(&self, rows: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, Status> {
+    async fn postgres_read(&self, rows: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, Status> {
         let mut views: Vec<&str> = rows.iter().map(|(v, _)| v.as_str()).collect();
         let mut keys: Vec<&str> = rows.iter().map(|(_, e)| e.as_str()).collect();
         views.dedup();
         keys.sort();
         keys.dedup();
         let span = tracing::info_span!("postgres.read", db.system.name = "postgresql", db.operation.name = "SELECT", rows = rows.len());
-        entities::read(&self.pool, &views, &keys).instrument(span).await.map_err(unavailable)
+        self.postgres.run(entities::read(&self.postgres.pool, &views, &keys)).instrument(span).await
+    }
+}
+
+/// Postgres failed with `status`: the answer from entries past their TTL
+/// if every row Postgres was asked for has one, else `status`.
+fn serve_stale(
+    mut found: HashMap<RowKey, EntityState>,
+    wanted: impl Iterator<Item = (RowKey, Option<crate::cache::Stale>)>,
+    status: Status,
+) -> Result<(HashMap<RowKey, EntityState>, CacheOutcome), Status> {
+    let mut oldest = Duration::ZERO;
+    for (row, stale) in wanted {
+        let Some(stale) = stale else { return Err(status) };
+        oldest = oldest.max(stale.age);
+        if let Some(state) = stale.entry {
+            found.insert(row, state);
+        }
+    }
+    Ok((found, CacheOutcome::Stale(oldest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::Stale;
+
+    fn row(entity: &str) -> RowKey {
+        ("orders".to_string(), entity.to_string())
+    }
+
+    #[test]
+    fn stale_entries_answer_only_when_they_cover_every_row() {
+        let fresh: HashMap<RowKey, EntityState> = [(row("1"), EntityState::default())].into_iter().collect();
+        let stale = |age_ms, known: bool| Some(Stale { entry: known.then(EntityState::default), age: Duration::from_millis(age_ms) });
+        let (rows, outcome) = serve_stale(
+            fresh.clone(),
+            [(row("2"), stale(9000, true)), (row("3"), stale(7000, false))].into_iter(),
+            Status::unavailable("down"),
+        )
+        .unwrap();
+        assert_eq!(outcome, CacheOutcome::Stale(Duration::from_millis(9000)));
+        assert!(rows.contains_key(&row("1")) && rows.contains_key(&row("2")));
+        assert!(!rows.contains_key(&row("3")), "an entity the view did not know stays unknown");
+        let refused = serve_stale(fresh, [(row("2"), stale(9000, true)), (row("4"), None)].into_iter(), Status::unavailable("down"));
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::Unavailable);
     }
 }

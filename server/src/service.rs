@@ -7,27 +7,31 @@
 use std::{sync::Arc, time::Duration};
 
 use freshet_proto::v1::{
-    EntityFeatures, Feature as ProtoFeature, FeatureStatus, FeatureValue, FeatureView as ProtoView, GetFeaturesRequest,
-    GetFeaturesResponse, GetFreshnessRequest, GetFreshnessResponse, ListFeatureViewsRequest, ListFeatureViewsResponse, PartitionFreshness,
-    ReplicationSlot, Value, ValueType as ProtoType, ViewFreshness, feature_service_server::FeatureService, value::Kind,
+    EntityFeatures, Feature as ProtoFeature, FeatureView as ProtoView, GetFeaturesRequest, GetFeaturesResponse, GetFreshnessRequest,
+    GetFreshnessResponse, ListFeatureViewsRequest, ListFeatureViewsResponse, PartitionFreshness, ReplicationSlot, ValueType as ProtoType,
+    ViewFreshness, feature_service_server::FeatureService,
 };
 use freshet_store::{
     offsets,
-    state::{Reading, Scalar},
-    view::{Catalog, FeatureView, KeyType, ValueType},
+    view::{Catalog, KeyType, ValueType},
 };
 use sqlx::PgPool;
 use tonic::{Request, Response, Status};
 
-use crate::{freshness, reader::Reader, request};
+use crate::{
+    evaluate, freshness,
+    health::unavailable,
+    layers::deadline::CallDeadline,
+    reader::{CacheOutcome, Reader},
+    request,
+};
 
 pub struct Features {
     pub catalog: Arc<Catalog>,
     pub reader: Reader,
-    pub pool: PgPool,
     /// Ingest's consumer group, whose progress GetFreshness reports.
     pub group: String,
-    pub max_entities: usize,
+    pub limits: request::Limits,
     pub watermarks: crate::watermarks::Watermarks,
     /// The CDC source database, to report its replication slots.
     pub source: Option<PgPool>,
@@ -37,50 +41,48 @@ pub struct Features {
 #[tonic::async_trait]
 impl FeatureService for Features {
     async fn get_features(&self, request: Request<GetFeaturesRequest>) -> Result<Response<GetFeaturesResponse>, Status> {
+        let deadline = request.extensions().get::<CallDeadline>().map(|d| d.0);
         let request = request.into_inner();
-        let plan = request::plan(&self.catalog, &request, self.max_entities)?;
+        let plan = request::plan(&self.catalog, &request, self.limits)?;
         let now_ms = now_ms();
         let (states, cache) = self.reader.read(&plan.views, &plan.entities).await?;
+        let stale_cache_age = match cache {
+            CacheOutcome::Stale(age) => Some(duration(age)),
+            _ => None,
+        };
         self.metrics.add("freshet_server_cache_reads_total", "GetFeatures reads by cache outcome.", &[("outcome", cache.as_str())], 1.0);
         tracing::Span::current().record("cache", tracing::field::debug(cache));
+        let mut values = evaluate::evaluate(&plan, &states, now_ms, || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)).await?;
+        // An entity asked for twice was evaluated once: its last row takes
+        // the values, earlier ones a copy.
+        let mut uses = vec![0usize; values.len()];
+        for &row in &plan.rows {
+            uses[row] += 1;
+        }
         let results = request
             .entities
             .into_iter()
-            .zip(&plan.entities)
-            .map(|(key, entity)| EntityFeatures {
-                entity: Some(key),
-                values: plan
-                    .columns
-                    .iter()
-                    .map(|&(v, feature)| {
-                        let view = plan.views[v];
-                        let max_age = plan.max_age.map_or(view.max_age, |m| m.min(view.max_age));
-                        match states.get(&(view.name.clone(), entity.clone())) {
-                            None => FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None },
-                            Some(state) => feature_value(state.read(feature, now_ms), max_age, now_ms),
-                        }
-                    })
-                    .collect(),
+            .zip(&plan.rows)
+            .map(|(key, &row)| {
+                uses[row] -= 1;
+                let values = if uses[row] == 0 { std::mem::take(&mut values[row]) } else { values[row].clone() };
+                EntityFeatures { entity: Some(key), values }
             })
             .collect();
-        Ok(Response::new(GetFeaturesResponse { feature_names: request.features, results, served_at: Some(timestamp(now_ms)) }))
+        Ok(Response::new(GetFeaturesResponse {
+            feature_names: request.features,
+            results,
+            served_at: Some(timestamp(now_ms)),
+            stale_cache_age,
+        }))
     }
 
     async fn get_freshness(&self, request: Request<GetFreshnessRequest>) -> Result<Response<GetFreshnessResponse>, Status> {
         let asked = request.into_inner().views;
-        let views: Vec<&FeatureView> = if asked.is_empty() {
-            self.catalog.views.iter().collect()
-        } else {
-            asked
-                .iter()
-                .enumerate()
-                .map(|(i, name)| {
-                    self.catalog.view(name).ok_or_else(|| Status::invalid_argument(format!("views[{i}]: unknown feature view {name:?}")))
-                })
-                .collect::<Result<_, _>>()?
-        };
+        let views = request::freshness_views(&self.catalog, &asked)?;
         let topics = self.catalog.topics();
-        let mut statuses = offsets::status(&self.pool, &self.group, &topics).await.map_err(unavailable)?;
+        let postgres = &self.reader.postgres;
+        let mut statuses = postgres.run(offsets::status(&postgres.pool, &self.group, &topics)).await?;
         for p in &mut statuses {
             if let Some(high) = self.watermarks.get(&p.topic, p.partition) {
                 p.high_watermark = p.high_watermark.max(high);
@@ -183,30 +185,6 @@ pub fn list_views(catalog: &Catalog) -> ListFeatureViewsResponse {
     ListFeatureViewsResponse { views }
 }
 
-/// Turns a reading into what the client sees, enforcing `max_age`.
-fn feature_value(reading: Reading, max_age: Duration, now_ms: i64) -> FeatureValue {
-    let too_old = |at_ms: i64| now_ms.saturating_sub(at_ms) > max_age.as_millis() as i64;
-    let (value, status, at_ms) = match reading {
-        Reading::Value { at_ms, .. } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
-        Reading::Null { at_ms: Some(at_ms) } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
-        Reading::Value { value, at_ms } => (Some(proto_value(value)), FeatureStatus::Present, Some(at_ms)),
-        Reading::Null { at_ms } => (None, FeatureStatus::NullValue, at_ms),
-    };
-    FeatureValue { value, status: status as i32, event_time: at_ms.map(timestamp) }
-}
-
-fn proto_value(value: Scalar) -> Value {
-    let kind = match value {
-        Scalar::Null => Kind::NullValue(0),
-        Scalar::Int(i) => Kind::Int64Value(i),
-        Scalar::Double(d) => Kind::DoubleValue(d),
-        Scalar::Str(s) => Kind::StringValue(s),
-        Scalar::Bool(b) => Kind::BoolValue(b),
-        Scalar::Time(ms) => Kind::TimestampValue(timestamp(ms)),
-    };
-    Value { kind: Some(kind) }
-}
-
 fn proto_type(t: ValueType) -> ProtoType {
     match t {
         ValueType::Int64 => ProtoType::Int64,
@@ -217,38 +195,14 @@ fn proto_type(t: ValueType) -> ProtoType {
     }
 }
 
-pub fn unavailable(e: sqlx::Error) -> Status {
-    tracing::warn!(error = %e, "store unavailable");
-    Status::unavailable("the feature store is unavailable; retry with backoff")
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn timestamp(ms: i64) -> prost_types::Timestamp {
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
     prost_types::Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
 }
 
 fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn max_age_is_enforced_not_left_to_the_client() {
-        let hour = Duration::from_secs(3600);
-        let now = 10_000_000;
-        let fresh = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 1000 }, hour, now);
-        assert_eq!(fresh.status(), FeatureStatus::Present);
-        assert_eq!(fresh.value.unwrap().kind, Some(Kind::Int64Value(3)));
-        let stale = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 3_600_001 }, hour, now);
-        assert_eq!(stale.status(), FeatureStatus::OutsideMaxAge);
-        assert!(stale.value.is_none(), "a stale value is not returned");
-        assert_eq!(feature_value(Reading::Null { at_ms: None }, hour, now).status(), FeatureStatus::NullValue);
-        assert_eq!(feature_value(Reading::Null { at_ms: Some(0) }, hour, now).status(), FeatureStatus::OutsideMaxAge);
-    }
 }

@@ -70,7 +70,16 @@ impl Metrics {
 
     /// Adds to a counter.
     pub fn add(&self, name: &'static str, help: &'static str, labels: Labels<'_>, by: f64) {
-        self.with(name, help, Kind::Counter, labels, |s| {
+        self.shift(name, help, Kind::Counter, labels, by);
+    }
+
+    /// Moves a gauge up or down (what is in progress, say).
+    pub fn adjust(&self, name: &'static str, help: &'static str, labels: Labels<'_>, by: f64) {
+        self.shift(name, help, Kind::Gauge, labels, by);
+    }
+
+    fn shift(&self, name: &'static str, help: &'static str, kind: Kind, labels: Labels<'_>, by: f64) {
+        self.with(name, help, kind, labels, |s| {
             if let Series::Value(v) = s {
                 *v += by;
             }
@@ -141,7 +150,11 @@ impl Metrics {
 /// Serves `GET /metrics` on `address` until the process ends; returns the
 /// bound address (port 0 picks a free one).
 pub async fn serve(metrics: Arc<Metrics>, address: SocketAddr) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
+    // Say which address: "Address already in use" alone does not tell an
+    // operator which of a binary's listeners clashed.
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot serve metrics on {address}: {e}")))?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
@@ -182,15 +195,27 @@ mod tests {
         m.add("x_total", "Things.", &[("topic", "a\"b")], 2.0);
         m.add("x_total", "Things.", &[("topic", "a\"b")], 1.0);
         m.set("y", "Level.", &[], 7.0);
+        m.adjust("w", "Busy.", &[], 2.0);
+        m.adjust("w", "Busy.", &[], -1.0);
         m.observe("z_seconds", "Time.", &[("m", "Get")], 0.003);
         let text = m.render();
         assert!(text.contains("# TYPE x_total counter\nx_total{topic=\"a\\\"b\"} 3\n"), "{text}");
         assert!(text.contains("y 7\n"), "{text}");
+        assert!(text.contains("# TYPE w gauge\nw 1\n"), "{text}");
         assert!(text.contains("z_seconds_bucket{m=\"Get\",le=\"0.0025\"} 0\n"), "{text}");
         assert!(text.contains("z_seconds_bucket{m=\"Get\",le=\"0.005\"} 1\n"), "{text}");
         assert!(
             text.contains("z_seconds_bucket{m=\"Get\",le=\"+Inf\"} 1\nz_seconds_sum{m=\"Get\"} 0.003\nz_seconds_count{m=\"Get\"} 1\n"),
             "{text}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_busy_address_is_named_in_the_error() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = taken.local_addr().unwrap();
+        let error = serve(Arc::new(Metrics::default()), address).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(error.to_string().starts_with(&format!("cannot serve metrics on {address}: ")), "{error}");
     }
 }

@@ -202,20 +202,7 @@ pub fn server_with_env(
     vars: &[(&str, &str)],
 ) -> (Process, std::net::SocketAddr) {
     use std::io::BufRead;
-    let mut process = Process::start(
-        Command::new(binary("freshet-server"))
-            .envs(vars.iter().copied())
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            // Only what the test asks for: no cache or broker from the runner's environment.
-            .env_remove("FRESHET_REDIS_URL")
-            .env_remove("FRESHET_KAFKA_BROKERS")
-            .env("FRESHET_VIEWS", views)
-            .env("FRESHET_DATABASE_URL", database_url)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped()),
-    );
+    let mut process = Process::start(server_command(views, database_url, extra).envs(vars.iter().copied()).stdout(Stdio::piped()));
     let stdout = process.child.stdout.take().unwrap();
     let mut lines = std::io::BufReader::new(stdout).lines();
     let address = loop {
@@ -227,6 +214,47 @@ pub fn server_with_env(
     // Keep draining its output so that logging never blocks or fails.
     std::thread::spawn(move || lines.for_each(drop));
     (process, address)
+}
+
+fn server_command(views: &std::path::Path, database_url: &str, extra: &[&str]) -> Command {
+    let mut command = Command::new(binary("freshet-server"));
+    command
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        // Only what the test asks for: no cache or broker from the runner's environment.
+        .env_remove("FRESHET_REDIS_URL")
+        .env_remove("FRESHET_KAFKA_BROKERS")
+        .env("FRESHET_VIEWS", views)
+        .env("FRESHET_DATABASE_URL", database_url)
+        .env("RUST_LOG", "warn");
+    command
+}
+
+/// `freshet-server serve` that must refuse to start: returns what it said
+/// on stderr. Fails the test if it is still running after 30 s.
+pub fn server_refusal(views: &std::path::Path, database_url: &str, extra: &[&str]) -> String {
+    use std::io::Read;
+    let mut process = Process::start(server_command(views, database_url, extra).stdout(Stdio::null()).stderr(Stdio::piped()));
+    for _ in 0..300 {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            assert!(!status.success(), "freshet-server {extra:?} exited successfully instead of refusing to start");
+            let mut stderr = String::new();
+            process.child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+            return stderr;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("freshet-server {extra:?} started instead of refusing to");
+}
+
+/// Locks `feature_state` of the database at `url` until the returned
+/// transaction is dropped: calls that read the store wait meanwhile.
+pub async fn lock_feature_state(url: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE feature_state IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    blocker
 }
 
 pub fn reference_views() -> PathBuf {

@@ -1,6 +1,6 @@
 //! Serving through gRPC what the store holds: every status and value type,
-//! request order, windows that decay, validation, shedding, deadlines,
-//! health, reflection and grpcurl.
+//! request order, windows that decay, validation, limits, shedding,
+//! deadlines, health, graceful shutdown, reflection and grpcurl.
 
 use std::{process::Command, time::Duration};
 
@@ -9,7 +9,9 @@ use freshet_proto::v1::{
     feature_service_client::FeatureServiceClient, value::Kind,
 };
 use freshet_store::state::Scalar;
-use freshet_tests::{event, fresh_database, reference_views, server, store_events};
+use freshet_tests::{
+    event, eventually, free_port, fresh_database, lock_feature_state, reference_views, scrape, server, store_events, views_file,
+};
 use tonic::Code;
 
 fn now_ms() -> i64 {
@@ -83,7 +85,7 @@ async fn serves_every_status_and_type_in_request_order() {
     assert_eq!(kind(1, 5), Some(Kind::BoolValue(false)), "the newest order's flag");
     assert_eq!(kind(1, 6), Some(Kind::StringValue("click".into())));
     let at = prost_types::Timestamp { seconds: (now - 3000).div_euclid(1000), nanos: ((now - 3000).rem_euclid(1000) * 1_000_000) as i32 };
-    assert_eq!(kind(1, 7), Some(Kind::TimestampValue(at.clone())));
+    assert_eq!(kind(1, 7), Some(Kind::TimestampValue(at)));
     assert_eq!(rows[1].values[6].event_time, Some(at));
     assert!((0..8).all(|c| status(1, c) == FeatureStatus::Present));
 
@@ -189,9 +191,7 @@ async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
     let (_server, address) = server(&reference_views(), &url, &["--max-in-flight", "2", "--default-deadline-ms", "20000"]);
     let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     // Hold a lock that makes every read wait, so admitted calls stay in flight.
-    let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let mut blocker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE feature_state IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let blocker = lock_feature_state(&url).await;
 
     let request = || GetFeaturesRequest { features: vec!["orders:spend_1h".into()], entities: ids(&[1]), max_age: None };
     let mut slow = Vec::new();
@@ -219,8 +219,7 @@ async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
     // set, so the answer is the server's own).
     let (_short, short_address) = server(&reference_views(), &url, &["--default-deadline-ms", "300"]);
     let mut short_client = FeatureServiceClient::connect(format!("http://{short_address}")).await.unwrap();
-    let mut blocker = pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE feature_state IN ACCESS EXCLUSIVE MODE").execute(&mut *blocker).await.unwrap();
+    let blocker = lock_feature_state(&url).await;
     let status = short_client.get_features(request()).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     drop(blocker);
@@ -261,4 +260,148 @@ async fn grpcurl_lists_describes_and_calls() {
     assert_eq!(json["results"][0]["values"][0]["status"], "PRESENT");
     let freshness = grpcurl(&["-d", "{}", &address, "freshet.v1.FeatureService/GetFreshness"]);
     assert!(freshness.contains("\"user_activity\"") && freshness.contains("UNKNOWN"), "{freshness}");
+}
+
+#[tokio::test]
+async fn requests_over_the_limits_are_refused_before_any_work() {
+    let url = fresh_database().await;
+    // A call that reached the store would wait for the lock until its
+    // minute-long deadline: a refusal is proof that none did.
+    let (_server, address) = server(&reference_views(), &url, &["--default-deadline-ms", "60000"]);
+    let _blocker = lock_feature_state(&url).await;
+    let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let features = |n: usize| (0..n).map(|i| format!("orders:f{i}")).collect::<Vec<_>>();
+    let many: Vec<i64> = (0..1000).collect();
+    let cases = [
+        // The issue's request: 10,000 features of 1,000 entities.
+        (features(10_000), ids(&many), "features: 10000 feature references exceed the limit of 1000"),
+        (features(101), ids(&many), "entities: 1000 entities × 101 features = 101000 values exceed the limit of 100000"),
+        (
+            vec!["orders:spend_1h".into(), "orders:orders_1h".into(), "orders:spend_1h".into()],
+            ids(&[1]),
+            "features[2]: repeats features[0]",
+        ),
+    ];
+    for (features, entities, expected) in cases {
+        let status = client.get_features(GetFeaturesRequest { features, entities, max_age: None }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with(expected), "{:?} should start with {expected:?}", status.message());
+    }
+    let status = client.get_freshness(GetFreshnessRequest { views: vec!["orders".into(); 3] }).await.unwrap_err();
+    assert!(status.message().starts_with("views[1]: repeats views[0]"), "{status:?}");
+}
+
+#[tokio::test]
+async fn a_big_request_within_the_limits_keeps_its_deadline() {
+    // One view of 100 features over one day, 1,000 entities with 50 events
+    // across it: the largest answer the default limits allow (100,000
+    // values), where evaluating (each feature sums its day of tiles) costs
+    // more than reading.
+    let mut text = String::from(
+        "[[view]]\nname = \"wide\"\nentity = \"user\"\nentity_type = \"int64\"\nmax_age = \"1d\"\nfreshness_budget = \"5s\"\n\
+         [view.source]\ntopics = [\"wide\"]\nformat = \"json\"\nevent_time = \"at\"\n",
+    );
+    for i in 0..100 {
+        text += &format!("[[view.feature]]\nname = \"n{i}\"\naggregation = \"count\"\nwindow = \"1d\"\n");
+    }
+    let (_dir, path) = views_file(&text);
+    let url = fresh_database().await;
+    let catalog = freshet_store::view::Catalog::load(&path).unwrap();
+    let view = catalog.view("wide").unwrap();
+    let now = now_ms();
+    let rows: Vec<_> = (0..1000)
+        .map(|user: i64| {
+            let mut state = freshet_store::state::EntityState::default();
+            for k in 0..50 {
+                let e = event(user, now - k * 28 * 60_000, &[]);
+                state.apply(view, &e, freshet_store::state::Direction::Add, true);
+            }
+            (("wide".to_string(), user.to_string()), state)
+        })
+        .collect();
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    freshet_store::entities::store(&mut tx, &rows).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let request = || GetFeaturesRequest {
+        features: (0..100).map(|i| format!("wide:n{i}")).collect(),
+        entities: ids(&(0..1000).collect::<Vec<_>>()),
+        max_age: None,
+    };
+    let connect = |address: std::net::SocketAddr| async move {
+        FeatureServiceClient::connect(format!("http://{address}")).await.unwrap().max_decoding_message_size(64 << 20)
+    };
+    // How long the server takes to read those rows, and to answer all of
+    // them, here and now (its own measure: the client's decoding is not in it).
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (_roomy, address) = server(&path, &url, &["--default-deadline-ms", "60000", "--metrics-listen", &listen]);
+    let mut client = connect(address).await;
+    let answer = client.get_features(request()).await.unwrap().into_inner();
+    assert_eq!(answer.results.len(), 1000);
+    assert_eq!(answer.results[999].values[2].value.clone().and_then(|v| v.kind), Some(Kind::Int64Value(50)), "the day holds all 50");
+    let served = || async { scrape(port).await["freshet_server_call_duration_seconds_sum{method=\"GetFeatures\"}"] };
+    let timed = |request: GetFeaturesRequest| {
+        let mut client = client.clone();
+        async move {
+            let before = served().await;
+            client.get_features(request).await.unwrap();
+            Duration::from_secs_f64(served().await - before)
+        }
+    };
+    let read = timed(GetFeaturesRequest { features: vec!["wide:n0".into()], ..request() }).await;
+    let whole = timed(request()).await;
+    assert!(whole > read);
+    // A deadline that passes halfway through the evaluation: the call must
+    // end DEADLINE_EXCEEDED, not answer late.
+    let deadline = (read + (whole - read) / 2).as_millis().max(1).to_string();
+    let (_tight, address) = server(&path, &url, &["--default-deadline-ms", &deadline]);
+    let mut client = connect(address).await;
+    let status = client.get_features(request()).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?} (reading took {read:?}, answering {whole:?}, deadline {deadline} ms)");
+}
+
+#[tokio::test]
+async fn shutdown_turns_health_not_serving_before_draining_calls() {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+    let url = fresh_database().await;
+    let metrics_port = free_port();
+    let listen = format!("127.0.0.1:{metrics_port}");
+    let (mut process, address) = server(&reference_views(), &url, &["--default-deadline-ms", "30000", "--metrics-listen", &listen]);
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest { service: "freshet.v1.FeatureService".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+
+    // A call in flight, held by a lock on the store.
+    let blocker = lock_feature_state(&url).await;
+    let mut client = FeatureServiceClient::new(channel);
+    let call = tokio::spawn(async move {
+        client.get_features(GetFeaturesRequest { features: vec!["orders:spend_1h".into()], entities: ids(&[1]), max_age: None }).await
+    });
+    eventually(Duration::from_secs(10), || async {
+        (scrape(metrics_port).await.get("freshet_server_in_flight_calls") == Some(&1.0)).then_some(())
+    })
+    .await
+    .expect("the call is in flight");
+
+    Command::new("kill").args(["-TERM", &process.child.id().to_string()]).status().unwrap();
+    let seen = loop {
+        let seen = health.message().await.unwrap().expect("a status before the stream ends").status();
+        if seen != ServingStatus::Serving {
+            break seen;
+        }
+    };
+    assert_eq!(seen, ServingStatus::NotServing);
+    assert!(!call.is_finished(), "NOT_SERVING is announced while the call is still draining");
+    // The drain: the call in flight completes, then the server exits.
+    drop(blocker);
+    let answer = call.await.unwrap().expect("the call in flight is answered");
+    assert_eq!(answer.into_inner().results.len(), 1);
+    assert!(health.message().await.unwrap().is_none(), "the Watch stream ends, so it does not hold the drain open");
+    assert!(process.terminate().success());
 }

@@ -1,17 +1,45 @@
 //! Bearer-token authentication: when tokens are configured, every call but
 //! health checks must carry `authorization: Bearer <token>` with one of them,
-//! or it is refused `UNAUTHENTICATED` before it costs anything else.
+//! or it is refused `UNAUTHENTICATED` before it costs anything else. The
+//! scheme is matched case-insensitively (RFC 7235), the token exactly.
 
 use std::{
     collections::HashSet,
     future::Future,
+    path::Path,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 
+use anyhow::Context as _;
 use tonic::Status;
 use tower::{Layer, Service};
+
+/// Reads a tokens file: one token a line; blank lines and `#` comments are
+/// ignored. A file without a single token is an error, not "no auth": an
+/// operator who points at a tokens file means to require one.
+pub fn read_tokens(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read tokens file {}", path.display()))?;
+    let tokens = parse_tokens(&text);
+    anyhow::ensure!(
+        !tokens.is_empty(),
+        "tokens file {} holds no token (only blank lines or comments): refusing to start without authentication; \
+         remove --tokens-file (FRESHET_TOKENS_FILE) to serve without it",
+        path.display()
+    );
+    Ok(tokens)
+}
+
+fn parse_tokens(text: &str) -> Vec<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(String::from).collect()
+}
+
+/// The token of an `authorization` value of the Bearer scheme.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
+}
 
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -60,12 +88,42 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(bearer_token)
                 .is_some_and(|token| tokens.contains(token)),
         };
         if !allowed {
             return Box::pin(async { Ok(Status::unauthenticated("a valid bearer token is required").into_http()) });
         }
         Box::pin(self.inner.call(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_token_exact() {
+        assert_eq!(bearer_token("Bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("bearer s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("BEARER  s3cret"), Some("s3cret"));
+        assert_eq!(bearer_token("Basic s3cret"), None);
+        assert_eq!(bearer_token("Bearers3cret"), None);
+        assert_eq!(bearer_token("Bearer S3CRET"), Some("S3CRET"));
+    }
+
+    #[test]
+    fn a_tokens_file_without_tokens_is_refused() {
+        assert_eq!(parse_tokens("# ops\n\n  a1  \n#b\nc2\n"), ["a1", "c2"]);
+        let dir = std::env::temp_dir().join(format!("freshet-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in [("empty", ""), ("comments", "# no tokens yet\n\n   \n")] {
+            let path = dir.join(name);
+            std::fs::write(&path, text).unwrap();
+            let error = read_tokens(&path).unwrap_err().to_string();
+            assert!(error.contains("holds no token") && error.contains(&path.display().to_string()), "{error}");
+        }
+        assert!(read_tokens(&dir.join("missing")).unwrap_err().to_string().starts_with("cannot read tokens file"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -2,6 +2,8 @@
 //! and never longer than the server's default. When time runs out the
 //! handler is dropped and the caller gets `DEADLINE_EXCEEDED` (tonic's own
 //! timeout would say `CANCELLED`, which clients do not treat as a deadline).
+//! The deadline also travels with the request as a [`CallDeadline`]
+//! extension, for work that must check it itself because it does not await.
 
 use std::{
     future::Future,
@@ -12,6 +14,10 @@ use std::{
 
 use tonic::Status;
 use tower::{Layer, Service};
+
+/// When the call's time runs out.
+#[derive(Debug, Clone, Copy)]
+pub struct CallDeadline(pub tokio::time::Instant);
 
 #[derive(Clone)]
 pub struct DeadlineLayer {
@@ -51,13 +57,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         let budget = request
             .headers()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(parse_grpc_timeout)
             .map_or(self.default, |asked| asked.min(self.default));
+        request.extensions_mut().insert(CallDeadline(tokio::time::Instant::now() + budget));
         let call = self.inner.call(request);
         Box::pin(async move {
             match tokio::time::timeout(budget, call).await {

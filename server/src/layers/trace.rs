@@ -41,11 +41,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let path = request.uri().path();
-        let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", path));
+        // Never the raw path: a client could make a span name of anything.
+        let (service, method) = super::known_method(request.uri().path()).unwrap_or(("unknown", "unknown"));
         let span = tracing::info_span!(
             "grpc",
-            otel.name = %path.trim_start_matches('/'),
+            otel.name = %format_args!("{service}/{method}"),
             otel.kind = "server",
             rpc.system = "grpc",
             rpc.service = %service,

@@ -1,0 +1,168 @@
+//! Evaluating a planned request against the states read for it: every
+//! feature as of the moment of answering, `max_age` enforced on the server.
+//!
+//! A big request is a lot of work that awaits nothing, and the deadline
+//! layer's timer cannot interrupt work that does not yield. So the loop runs
+//! in chunks: between two, it gives up with `DEADLINE_EXCEEDED` once the
+//! call's deadline has passed, and yields so that other calls on the same
+//! worker keep moving.
+
+use std::{collections::HashMap, time::Duration};
+
+use freshet_proto::v1::{FeatureStatus, FeatureValue, Value, value::Kind};
+use freshet_store::{
+    entities::RowKey,
+    state::{EntityState, Reading, Scalar},
+};
+use tonic::Status;
+
+use crate::{request::Plan, service::timestamp};
+
+/// Values evaluated between two deadline checks (and yields).
+const CHUNK: usize = 2048;
+
+/// The values of each of `plan.entities`, one per column; `expired` says
+/// whether the call's deadline has passed.
+pub async fn evaluate(
+    plan: &Plan<'_>,
+    states: &HashMap<RowKey, EntityState>,
+    now_ms: i64,
+    mut expired: impl FnMut() -> bool,
+) -> Result<Vec<Vec<FeatureValue>>, Status> {
+    let max_ages: Vec<Duration> = plan.views.iter().map(|v| plan.max_age.map_or(v.max_age, |m| m.min(v.max_age))).collect();
+    let mut rows = Vec::with_capacity(plan.entities.len());
+    let mut since_check = 0;
+    for entity in &plan.entities {
+        let found: Vec<Option<&EntityState>> = plan.views.iter().map(|v| states.get(&(v.name.clone(), entity.clone()))).collect();
+        rows.push(
+            plan.columns
+                .iter()
+                .map(|&(v, feature)| match found[v] {
+                    None => FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None },
+                    Some(state) => feature_value(state.read(feature, now_ms), max_ages[v], now_ms),
+                })
+                .collect(),
+        );
+        since_check += plan.columns.len();
+        if since_check >= CHUNK && rows.len() < plan.entities.len() {
+            since_check = 0;
+            if expired() {
+                return Err(Status::deadline_exceeded(format!(
+                    "deadline exceeded with {} of {} entities evaluated",
+                    rows.len(),
+                    plan.entities.len()
+                )));
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    Ok(rows)
+}
+
+/// Turns a reading into what the client sees, enforcing `max_age`.
+fn feature_value(reading: Reading, max_age: Duration, now_ms: i64) -> FeatureValue {
+    let too_old = |at_ms: i64| now_ms.saturating_sub(at_ms) > max_age.as_millis() as i64;
+    let (value, status, at_ms) = match reading {
+        Reading::Value { at_ms, .. } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
+        Reading::Null { at_ms: Some(at_ms) } if too_old(at_ms) => (None, FeatureStatus::OutsideMaxAge, Some(at_ms)),
+        Reading::Value { value, at_ms } => (Some(proto_value(value)), FeatureStatus::Present, Some(at_ms)),
+        Reading::Null { at_ms } => (None, FeatureStatus::NullValue, at_ms),
+    };
+    FeatureValue { value, status: status as i32, event_time: at_ms.map(timestamp) }
+}
+
+fn proto_value(value: Scalar) -> Value {
+    let kind = match value {
+        Scalar::Null => Kind::NullValue(0),
+        Scalar::Int(i) => Kind::Int64Value(i),
+        Scalar::Double(d) => Kind::DoubleValue(d),
+        Scalar::Str(s) => Kind::StringValue(s),
+        Scalar::Bool(b) => Kind::BoolValue(b),
+        Scalar::Time(ms) => Kind::TimestampValue(timestamp(ms)),
+    };
+    Value { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use freshet_proto::v1::{EntityKey, GetFeaturesRequest, entity_key::Key};
+    use freshet_store::{
+        state::{Direction, Event},
+        view::Catalog,
+    };
+
+    use super::*;
+    use crate::request::{Limits, plan};
+
+    fn catalog() -> Catalog {
+        Catalog::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/views/reference.toml"))).unwrap()
+    }
+
+    #[test]
+    fn max_age_is_enforced_not_left_to_the_client() {
+        let hour = Duration::from_secs(3600);
+        let now = 10_000_000;
+        let fresh = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 1000 }, hour, now);
+        assert_eq!(fresh.status(), FeatureStatus::Present);
+        assert_eq!(fresh.value.unwrap().kind, Some(Kind::Int64Value(3)));
+        let stale = feature_value(Reading::Value { value: Scalar::Int(3), at_ms: now - 3_600_001 }, hour, now);
+        assert_eq!(stale.status(), FeatureStatus::OutsideMaxAge);
+        assert!(stale.value.is_none(), "a stale value is not returned");
+        assert_eq!(feature_value(Reading::Null { at_ms: None }, hour, now).status(), FeatureStatus::NullValue);
+        assert_eq!(feature_value(Reading::Null { at_ms: Some(0) }, hour, now).status(), FeatureStatus::OutsideMaxAge);
+    }
+
+    /// 3,000 entities × 3 features, entity 1 known to the view.
+    fn big_request() -> (Catalog, GetFeaturesRequest, HashMap<RowKey, EntityState>) {
+        let c = catalog();
+        let view = c.view("orders").unwrap();
+        let mut state = EntityState::default();
+        let fields = [("amount".to_string(), Scalar::Double(2.5))].into_iter().collect();
+        state.apply(view, &Event { entity: "1".into(), at_ms: 1_000_000, fields }, Direction::Add, true);
+        let states = [(("orders".to_string(), "1".to_string()), state)].into_iter().collect();
+        let request = GetFeaturesRequest {
+            features: vec!["orders:spend_1h".into(), "orders:orders_1h".into(), "orders:last_express".into()],
+            entities: (0..3000).map(|k| EntityKey { key: Some(Key::Int64Key(k)) }).collect(),
+            max_age: None,
+        };
+        (c, request, states)
+    }
+
+    const LIMITS: Limits = Limits { max_features: 10, max_entities: 10_000, max_values: 100_000 };
+
+    #[tokio::test]
+    async fn evaluates_every_entity_checking_the_deadline_as_it_goes() {
+        let (c, request, states) = big_request();
+        let plan = plan(&c, &request, LIMITS).unwrap();
+        let mut checks = 0;
+        let rows = evaluate(&plan, &states, 1_000_500, || {
+            checks += 1;
+            false
+        })
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 3000);
+        assert_eq!(rows[1][0].value.clone().unwrap().kind, Some(Kind::DoubleValue(2.5)));
+        assert_eq!(rows[1][1].value.clone().unwrap().kind, Some(Kind::Int64Value(1)));
+        assert_eq!(rows[1][2].status(), FeatureStatus::NullValue);
+        assert!(rows[0].iter().chain(&rows[2999]).all(|v| v.status() == FeatureStatus::NotFound));
+        // 9,000 values: checked after every chunk of 2,048 but the last.
+        assert_eq!(checks, 9000 / CHUNK);
+    }
+
+    #[tokio::test]
+    async fn stops_once_the_deadline_has_passed() {
+        let (c, request, states) = big_request();
+        let plan = plan(&c, &request, LIMITS).unwrap();
+        let mut checks = 0;
+        let status = evaluate(&plan, &states, 1_000_500, || {
+            checks += 1;
+            checks == 2
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(checks, 2, "no work after the deadline passed");
+        assert!(status.message().contains("of 3000 entities"), "{}", status.message());
+    }
+}
