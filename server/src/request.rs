@@ -378,9 +378,9 @@ mod tests {
         let c = Catalog::parse(&text.replacen("entity_type = \"int64\"", "entity_type = \"string\"", 1), "v").unwrap();
         let keys = |keys: Vec<String>| request(&["user_activity:events_1m"], keys.into_iter().map(Key::StringKey).collect());
         let longest = "é".repeat(key::MAX_STRING_KEY_BYTES / 2);
-        assert_eq!(plan(&c, &keys(vec!["a".into(), longest.clone()]), 10).unwrap().entities, ["a".to_string(), longest]);
+        assert_eq!(plan(&c, &keys(vec!["a".into(), longest.clone()]), LIMITS).unwrap().entities, ["a".to_string(), longest]);
         for (bad, len) in [(String::new(), 0), ("x".repeat(1025), 1025)] {
-            let status = plan(&c, &keys(vec!["a".into(), bad]), 10).err().unwrap();
+            let status = plan(&c, &keys(vec!["a".into(), bad]), LIMITS).err().unwrap();
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
             assert_eq!(status.message(), format!("entities[1]: string keys must be 1 to 1024 bytes, this one has {len}"));
         }

@@ -66,10 +66,8 @@ pub async fn take_over(pool: &PgPool, group: &str, views: &[&str], topics: &[Str
             .bind(views)
             .fetch_all(&mut *tx)
             .await?;
-    let previous: Moved = views
-        .iter()
-        .map(|v| (v.to_string(), owned.iter().find(|(view, _)| view == v).map(|(_, group)| group.clone())))
-        .collect();
+    let previous: Moved =
+        views.iter().map(|v| (v.to_string(), owned.iter().find(|(view, _)| view == v).map(|(_, group)| group.clone()))).collect();
     let mut old_groups: Vec<&str> = previous.iter().filter_map(|(_, g)| g.as_deref()).filter(|g| *g != group).collect();
     old_groups.sort_unstable();
     old_groups.dedup();
