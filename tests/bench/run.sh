@@ -7,6 +7,7 @@
 #   tests/bench/run.sh freshness   Kafka append -> servable at 5000 events/s
 #   tests/bench/run.sh soak        exactly-once under SIGKILLs, a freeze and a Postgres restart,
 #                                  two instances; exact comparison (SOAK_EVENTS=200000)
+#   tests/bench/run.sh props       the property tests with a long budget (PROPTEST_CASES=20000)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 SERVICES=$ROOT/deploy/local/services.sh
@@ -15,7 +16,16 @@ case "${1:-}" in
   ingest) bench=bench_ingest; services=postgres,kafka ;;
   freshness) bench=bench_freshness; services=postgres,kafka; set -- kafka ;;
   soak) bench=bench_soak; services=postgres,kafka ;;
-  *) sed -n '2,9p' "$0" >&2; exit 2 ;;
+  props)
+    # No services: the decoder, codec, view-file and request properties.
+    cd "$ROOT"
+    export PROPTEST_CASES=${PROPTEST_CASES:-20000}
+    cargo test --release -q -p freshet-store -p freshet-ingest -p freshet-server -- \
+      any_record_decodes doubles_decode every_state_round_trips arbitrary_bytes_never_panic arbitrary_text_never_panics \
+      generated_files_are_refused edited_reference_files any_request_is_planned valid_requests_are_accepted 2>&1 |
+      awk '/^test result:/ {p += $4; f += $6} /panicked|FAILED/ {print} END {printf "property tests: %d passed, %d failed, '"$PROPTEST_CASES"' cases each\n", p, f}'
+    exit 0 ;;
+  *) sed -n '2,10p' "$0" >&2; exit 2 ;;
 esac
 [[ $bench == bench_freshness ]] || shift
 "$SERVICES" install >/dev/null
