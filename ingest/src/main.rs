@@ -21,7 +21,7 @@ use freshet_store::{db, metrics::Metrics, owners, view::Catalog};
 use crate::{
     pipeline::{BatchLimits, Pipeline},
     shutdown::Shutdown,
-    sink::dlq::DeadLetterQueue,
+    sink::{compact::Compactor, dlq::DeadLetterQueue},
     source::{InFlight, Settings, StartPolicy},
 };
 
@@ -40,6 +40,23 @@ enum Command {
     Migrate {
         #[arg(long, env = "FRESHET_DATABASE_URL")]
         database_url: String,
+    },
+    /// Recompute a view from Kafka after its definition changed (a feature
+    /// or window added): delete its state and rewind its topics to the
+    /// earliest retained offsets, in one transaction. Views sharing a topic
+    /// with it are rebuilt too. Run it, then start ingest with the new file.
+    Rebuild {
+        #[arg(long, env = "FRESHET_DATABASE_URL")]
+        database_url: String,
+        #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
+        brokers: String,
+        #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
+        views: PathBuf,
+        #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
+        group: String,
+        /// The view to recompute.
+        #[arg(long)]
+        view: String,
     },
     /// Move the views of a file to a consumer group, with the offsets of the
     /// group that computed them so far (whose instances are fenced): to
@@ -94,6 +111,13 @@ struct RunArgs {
     /// be consumed again). Keep it below the orchestrator's grace period.
     #[arg(long, env = "FRESHET_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
+    /// Entities whose changes compaction folds per transaction.
+    #[arg(long, env = "FRESHET_COMPACT_ENTITIES", default_value_t = 2000)]
+    compact_entities: i64,
+    /// Rest (ms) between compaction rounds once no backlog remains: changes
+    /// gather meanwhile, so one fold covers many commits.
+    #[arg(long, env = "FRESHET_COMPACT_INTERVAL_MS", default_value_t = 1000)]
+    compact_interval_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`); off if unset.
     #[arg(long, env = "FRESHET_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -106,7 +130,25 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate { database_url } => Ok(db::migrate_command(&database_url).await?),
         Command::Run(args) => run(args).await,
         Command::TakeOver { database_url, views, group } => take_over(&database_url, &views, &group).await,
+        Command::Rebuild { database_url, brokers, views, group, view } => rebuild(&database_url, &brokers, &views, &group, &view).await,
     }
+}
+
+async fn rebuild(database_url: &str, brokers: &str, views: &std::path::Path, group: &str, view: &str) -> anyhow::Result<()> {
+    let catalog = Catalog::load(views)?;
+    let (names, topics) = catalog.sharing_topics_with(view).ok_or_else(|| anyhow::anyhow!("no view {view:?} in {}", views.display()))?;
+    let restarts = tokio::task::spawn_blocking({
+        let (brokers, topics) = (brokers.to_string(), topics.clone());
+        move || source::earliest_offsets(&brokers, &topics)
+    })
+    .await??;
+    let pool = db::connect(database_url, 1).await?;
+    db::ensure_migrated(&pool).await?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    freshet_store::rebuild::rebuild(&pool, group, &names, &restarts).await?;
+    println!("rebuilding views {names:?} of group {group} from the earliest offsets of {topics:?}");
+    println!("start (or restart) freshet-ingest with this view file: it recomputes them from Kafka");
+    Ok(())
 }
 
 async fn take_over(database_url: &str, views: &std::path::Path, group: &str) -> anyhow::Result<()> {
@@ -161,6 +203,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         in_flight.clone(),
     )?;
+    let compactor = tokio::spawn(
+        Compactor {
+            pool: pool.clone(),
+            catalog: catalog.clone(),
+            entities_per_fold: args.compact_entities,
+            interval: Duration::from_millis(args.compact_interval_ms),
+            metrics: metrics.clone(),
+        }
+        .run(shutdown.clone()),
+    );
     let pipeline = Pipeline::new(
         catalog,
         pool,
@@ -175,6 +227,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     let ran = pipeline.run(events).await;
+    shutdown.request();
+    compactor.await?;
     tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();
     tracing::info!("stopped");
     Ok(ran?)

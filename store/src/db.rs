@@ -70,6 +70,7 @@ const SCHEMA: &[(&str, &str)] = &[
     ),
     ("dead_letters", "consumer_group, topic, partition, \"offset\", dlq_topic, error_class, error_message, recorded_at"),
     ("view_owners", "view, consumer_group, since"),
+    ("feature_deltas", "id, view, entity, delta"),
 ];
 
 async fn verify_schema(pool: &PgPool) -> Result<(), DbError> {

@@ -1,6 +1,19 @@
-//! The `feature_state` table: one row of tiles and last values per (view,
-//! entity). Ingest reads rows `FOR UPDATE` and writes them back in one
-//! statement per batch; the server reads a request's entities in one query.
+//! Feature state in Postgres: per (view, entity), a *base* row in
+//! `feature_state` and the *deltas* later commits appended to
+//! `feature_deltas` (see `state.rs` for what a delta is and why merging them
+//! commutes).
+//!
+//! - Ingest commits [`append`] one delta per touched entity: no read, no
+//!   lock, so a commit costs what its batch changed, and two instances
+//!   committing one entity at once never conflict.
+//! - Readers [`read`] a request's bases and deltas in one statement (one
+//!   snapshot) and merge them in id order.
+//! - [`compact`] folds deltas into their bases and deletes them, in its own
+//!   transaction, so state and read cost stay bounded. Compactors take whole
+//!   entities, skip deltas another compactor holds, and lock bases (creating
+//!   missing ones first, since `FOR UPDATE` cannot lock a row that is not
+//!   there), so two of them never fold one delta twice or lose a fold.
+//!
 //! Lists go to Postgres as arrays (`UNNEST`, `= ANY`), never as SQL text.
 
 use std::collections::HashMap;
@@ -12,17 +25,101 @@ use crate::{codec, state::EntityState};
 /// Identifies a row: (view name, canonical entity key).
 pub type RowKey = (String, String);
 
-/// Locks and reads the rows of `keys` for a read-modify-write in `tx`.
-///
-/// `FOR UPDATE` locks only rows that exist: two transactions that both find
-/// no row for a new entity would both start from an empty state, and the
-/// second write would replace the first's events (a lost update). So every
-/// missing row is inserted first, empty, with `ON CONFLICT DO NOTHING`: a
-/// transaction that meets another's uncommitted insert of the same key waits
-/// for it to end, and then reads and locks the committed row. Inserts and
-/// locks both go in key order, so concurrent batches cannot deadlock. Empty
-/// rows never outlive the transaction unwritten: `store` writes every key.
-pub async fn load_for_update(tx: &mut PgConnection, keys: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
+/// Appends, in `tx`, what a commit changed: one delta per (view, entity).
+pub async fn append(tx: &mut PgConnection, deltas: &[(RowKey, EntityState)]) -> Result<(), sqlx::Error> {
+    let mut views = Vec::with_capacity(deltas.len());
+    let mut entities = Vec::with_capacity(deltas.len());
+    let mut blobs = Vec::with_capacity(deltas.len());
+    for ((view, entity), delta) in deltas {
+        views.push(view.as_str());
+        entities.push(entity.as_str());
+        blobs.push(codec::encode(delta));
+    }
+    sqlx::query("INSERT INTO feature_deltas (view, entity, delta) SELECT * FROM UNNEST($1::text[], $2::text[], $3::bytea[])")
+        .bind(&views)
+        .bind(&entities)
+        .bind(&blobs)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Reads the state of every (view, entity) pair of `views` × `entities`,
+/// bases merged with their deltas, in one statement; a pair never seen is
+/// absent from the map.
+pub async fn read(pool: &PgPool, views: &[&str], entities: &[&str]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
+    let rows: Vec<(String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT view, entity, state FROM (
+             SELECT view, entity, 0::int8 AS id, state FROM feature_state WHERE view = ANY($1) AND entity = ANY($2)
+             UNION ALL
+             SELECT view, entity, id, delta FROM feature_deltas WHERE view = ANY($1) AND entity = ANY($2)
+         ) AS parts ORDER BY view, entity, id",
+    )
+    .bind(views)
+    .bind(entities)
+    .fetch_all(pool)
+    .await?;
+    let mut states: HashMap<RowKey, EntityState> = HashMap::new();
+    for (view, entity, blob) in rows {
+        let part = decode(&blob)?;
+        match states.entry((view, entity)) {
+            std::collections::hash_map::Entry::Occupied(mut state) => state.get_mut().merge(&part),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(part);
+            }
+        }
+    }
+    Ok(states)
+}
+
+/// Folds the deltas of up to `entities` entities (those with the oldest
+/// deltas) into their bases, `prune`s each base (drop what no window can
+/// reach), and deletes the folded deltas, in one transaction. Returns how
+/// many deltas it folded.
+pub async fn compact(pool: &PgPool, entities: i64, prune: impl Fn(&str, &mut EntityState)) -> Result<usize, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // As for commits: a crash loses the fold and its deletes together.
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    let deltas: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
+        "SELECT d.id, d.view, d.entity, d.delta FROM feature_deltas d
+         JOIN (SELECT DISTINCT view, entity FROM (SELECT view, entity FROM feature_deltas ORDER BY id LIMIT $1) AS oldest) AS e
+           ON d.view = e.view AND d.entity = e.entity
+         ORDER BY d.id FOR UPDATE OF d SKIP LOCKED",
+    )
+    .bind(entities)
+    .fetch_all(&mut *tx)
+    .await?;
+    if deltas.is_empty() {
+        return Ok(0);
+    }
+    let mut keys: Vec<RowKey> = deltas.iter().map(|(_, v, e, _)| (v.clone(), e.clone())).collect();
+    keys.sort();
+    keys.dedup();
+    let mut bases = lock_bases(&mut tx, &keys).await?;
+    for (_, view, entity, blob) in &deltas {
+        let base = bases.get_mut(&(view.clone(), entity.clone())).expect("every key has a base row");
+        base.merge(&decode(blob)?);
+    }
+    let rows: Vec<(RowKey, EntityState)> = bases
+        .into_iter()
+        .map(|(key, mut state)| {
+            prune(&key.0, &mut state);
+            (key, state)
+        })
+        .collect();
+    store(&mut tx, &rows).await?;
+    let ids: Vec<i64> = deltas.iter().map(|(id, ..)| *id).collect();
+    sqlx::query("DELETE FROM feature_deltas WHERE id = ANY($1)").bind(&ids).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(deltas.len())
+}
+
+/// Locks and reads the base rows of `keys` in `tx`, inserting missing ones
+/// (empty) first: `FOR UPDATE` locks only rows that exist, and two
+/// transactions that both found none would both start from an empty state,
+/// the second write replacing the first (a lost update). Inserts and locks
+/// go in key order, so concurrent callers cannot deadlock.
+async fn lock_bases(tx: &mut PgConnection, keys: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
     let (views, entities): (Vec<&str>, Vec<&str>) = keys.iter().map(|(v, e)| (v.as_str(), e.as_str())).unzip();
     sqlx::query(
         "INSERT INTO feature_state (view, entity, state, newest_event_at)
@@ -48,7 +145,8 @@ pub async fn load_for_update(tx: &mut PgConnection, keys: &[RowKey]) -> Result<H
     rows.into_iter().map(|(view, entity, state)| Ok(((view, entity), decode(&state)?))).collect()
 }
 
-/// Writes `rows` back, inserting the new ones, in one statement.
+/// Writes base rows, inserting the new ones, in one statement (compaction,
+/// and tests that set up state directly).
 pub async fn store(tx: &mut PgConnection, rows: &[(RowKey, EntityState)]) -> Result<(), sqlx::Error> {
     let mut views = Vec::with_capacity(rows.len());
     let mut entities = Vec::with_capacity(rows.len());
@@ -74,18 +172,6 @@ pub async fn store(tx: &mut PgConnection, rows: &[(RowKey, EntityState)]) -> Res
     .execute(&mut *tx)
     .await?;
     Ok(())
-}
-
-/// Reads the state of every (view, entity) pair of `views` × `entities` in one
-/// query; a pair never seen is absent from the map.
-pub async fn read(pool: &PgPool, views: &[&str], entities: &[&str]) -> Result<HashMap<RowKey, EntityState>, sqlx::Error> {
-    let rows: Vec<(String, String, Vec<u8>)> =
-        sqlx::query_as("SELECT view, entity, state FROM feature_state WHERE view = ANY($1) AND entity = ANY($2)")
-            .bind(views)
-            .bind(entities)
-            .fetch_all(pool)
-            .await?;
-    rows.into_iter().map(|(view, entity, state)| Ok(((view, entity), decode(&state)?))).collect()
 }
 
 fn decode(bytes: &[u8]) -> Result<EntityState, sqlx::Error> {

@@ -6,7 +6,8 @@
 //!   its byte layout in Postgres and Redis.
 //! - [`db`], [`entities`], [`offsets`], [`owners`]: the Postgres store:
 //!   schema, per-entity feature state, per-partition progress with fencing,
-//!   and which consumer group computes each view.
+//!   and which consumer group computes each view; [`rebuild`]: recomputing
+//!   views from Kafka after their file changed.
 //! - [`metrics`], [`telemetry`]: the Prometheus endpoint, logs and traces of
 //!   both binaries.
 
@@ -17,6 +18,7 @@ pub mod key;
 pub mod metrics;
 pub mod offsets;
 pub mod owners;
+pub mod rebuild;
 pub mod state;
 pub mod telemetry;
 pub mod view;

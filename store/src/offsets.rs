@@ -124,7 +124,7 @@ pub async fn advance(tx: &mut PgConnection, group: &str, advances: &[Advance]) -
 }
 
 /// Freshness status of one partition, as committed by ingest.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PartitionStatus {
     pub topic: String,
     pub partition: i32,
@@ -138,10 +138,10 @@ pub struct PartitionStatus {
 }
 
 pub async fn status(pool: &PgPool, group: &str, topics: &[String]) -> Result<Vec<PartitionStatus>, sqlx::Error> {
-    let rows: Vec<(String, i32, i64, i64, Option<i64>, Option<i64>, i64, i64, i64)> = sqlx::query_as(
+    sqlx::query_as(
         "SELECT topic, partition, next_offset, high_watermark,
-                (extract(epoch FROM newest_event_at) * 1000)::int8,
-                (extract(epoch FROM last_commit_at) * 1000)::int8,
+                (extract(epoch FROM newest_event_at) * 1000)::int8 AS newest_event_ms,
+                (extract(epoch FROM last_commit_at) * 1000)::int8 AS last_commit_ms,
                 records_applied, records_dead, records_late
          FROM ingest_offsets WHERE consumer_group = $1 AND topic = ANY($2)
          ORDER BY topic, partition",
@@ -149,35 +149,7 @@ pub async fn status(pool: &PgPool, group: &str, topics: &[String]) -> Result<Vec
     .bind(group)
     .bind(topics)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                topic,
-                partition,
-                next_offset,
-                high_watermark,
-                newest_event_ms,
-                last_commit_ms,
-                records_applied,
-                records_dead,
-                records_late,
-            )| {
-                PartitionStatus {
-                    topic,
-                    partition,
-                    next_offset,
-                    high_watermark,
-                    newest_event_ms,
-                    last_commit_ms,
-                    records_applied,
-                    records_dead,
-                    records_late,
-                }
-            },
-        )
-        .collect())
+    .await
 }
 
 /// One record sent to a dead-letter topic, recorded with the offsets that

@@ -11,6 +11,19 @@
 //!
 //! `last` values carry their event time and are only replaced by an event at
 //! least as new, so an older event never overwrites a newer one.
+//!
+//! A state can also be a *delta*: what one batch did to an entity, applied to
+//! an empty state. Deltas [`merge`](EntityState::merge) into a state by
+//! adding tiles (a retraction is a tile of count -1), keeping the newest
+//! `last` values and the newest event time. Adding commutes, so deltas of
+//! concurrent commits can be written without reading or locking anything,
+//! and folded later in any grouping (see `entities.rs`). Within one delta a
+//! tile's count may reach zero or less (it retracts events of earlier
+//! deltas), so only a merge drops empty tiles: a row's addition and its
+//! retraction come from one partition, in order, so once a merge has seen a
+//! retraction it has seen its addition, and a zero count means no events.
+//! min and max cannot be taken back: a view that retracts declares neither
+//! (checked on load).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -178,6 +191,36 @@ impl EntityState {
         self.prune(view);
     }
 
+    /// Folds `delta`, a later batch's changes, into this state: tiles add
+    /// (a tile left with no events goes), `last` values and the newest event
+    /// time keep the newest (a tie goes to the later delta, as it would to
+    /// the later event).
+    pub fn merge(&mut self, delta: &EntityState) {
+        self.newest_ms = self.newest_ms.max(delta.newest_ms);
+        for (key, tiles) in &delta.series {
+            let mine = self.series.entry(key.clone()).or_default();
+            for tile in tiles {
+                match mine.binary_search_by_key(&tile.start_ms, |t| t.start_ms) {
+                    Ok(i) => {
+                        add_tile(&mut mine[i], tile);
+                        if mine[i].count == 0 {
+                            mine.remove(i);
+                        }
+                    }
+                    Err(i) => mine.insert(i, *tile),
+                }
+            }
+            if mine.is_empty() {
+                self.series.remove(key);
+            }
+        }
+        for (name, last) in &delta.last {
+            if self.last.get(name).is_none_or(|old| old.at_ms <= last.at_ms) {
+                self.last.insert(name.clone(), last.clone());
+            }
+        }
+    }
+
     fn apply_last(&mut self, feature: &Feature, event: &Event) {
         let field = feature.field.as_deref().unwrap_or_default();
         let Some(value) = event.fields.get(field) else {
@@ -190,7 +233,7 @@ impl EntityState {
     }
 
     /// Drops tiles no window evaluated at or after `newest_ms` can overlap.
-    fn prune(&mut self, view: &FeatureView) {
+    pub fn prune(&mut self, view: &FeatureView) {
         for series in &view.series {
             work::step();
             if let Some(tiles) = self.series.get_mut(&series.key) {
@@ -259,15 +302,26 @@ fn update_tile(tiles: &mut Vec<Tile>, at_ms: i64, width: i64, value: f64, direct
             tiles.insert(i, Tile { start_ms, count: 1, sum: value, min: value, max: value, newest_ms: at_ms });
         }
         (Ok(i), Direction::Retract) => {
-            // min and max cannot be taken back; views that retract declare none.
             tiles[i].count -= 1;
             tiles[i].sum -= value;
-            if tiles[i].count <= 0 {
-                tiles.remove(i);
-            }
         }
-        (Err(_), Direction::Retract) => {}
+        // The event may sit in a tile of another delta, or of the stored
+        // state: record the retraction for the merge. (If its tile was
+        // pruned, the retraction is as old, outside every window, and is
+        // pruned in turn.)
+        (Err(i), Direction::Retract) => {
+            tiles.insert(i, Tile { start_ms, count: -1, sum: -value, min: f64::INFINITY, max: f64::NEG_INFINITY, newest_ms: i64::MIN });
+        }
     }
+}
+
+/// Adds `other` into `tile` (same start).
+fn add_tile(tile: &mut Tile, other: &Tile) {
+    tile.count += other.count;
+    tile.sum += other.sum;
+    tile.min = tile.min.min(other.min);
+    tile.max = tile.max.max(other.max);
+    tile.newest_ms = tile.newest_ms.max(other.newest_ms);
 }
 
 /// Counts the steps of applying events, so a test can check that the work
@@ -395,6 +449,64 @@ type = "string"
         s.apply(&view, &e1, Direction::Retract, true);
         assert_eq!(value(&s, &view, "n_1h", 2000), Reading::Value { value: Scalar::Int(1), at_ms: 1500 });
         assert_eq!(value(&s, &view, "spend_1h", 2000), Reading::Value { value: Scalar::Double(7.0), at_ms: 1500 });
+    }
+
+    /// Applying additions and retractions to one state reads the same as
+    /// applying them in batches to empty deltas and merging those: what lets
+    /// commits append deltas instead of rewriting state. Two partitions feed
+    /// the entity (each retracting only its own rows, as Debezium keys them),
+    /// and their deltas are merged in any interleaving that keeps each
+    /// partition's order, as concurrent commits land.
+    #[test]
+    fn merged_deltas_read_like_one_state() {
+        use rand::{Rng, SeedableRng};
+        let view = view();
+        for seed in 0..40u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut whole = EntityState::default();
+            let mut partitions: Vec<Vec<EntityState>> = Vec::new();
+            for p in 0..2 {
+                let mut added: Vec<Event> = Vec::new();
+                let mut stream = Vec::new();
+                for i in 0..300 {
+                    if !added.is_empty() && rng.random_ratio(1, 4) {
+                        let e = added.swap_remove(rng.random_range(0..added.len()));
+                        stream.push((e, Direction::Retract));
+                    } else {
+                        let at = 1_000_000 + i * 20_000 + p * 7 + 2 * rng.random_range(0..7_000);
+                        let e = event(at, rng.random_range(0..100) as f64, &format!("s{i}"));
+                        added.push(e.clone());
+                        stream.push((e, Direction::Add));
+                    }
+                }
+                stream.iter().for_each(|(e, d)| whole.apply(&view, e, *d, true));
+                let mut deltas = Vec::new();
+                let mut rest = &stream[..];
+                while !rest.is_empty() {
+                    let (batch, tail) = rest.split_at(rng.random_range(1..=rest.len().min(40)));
+                    let mut delta = EntityState::default();
+                    batch.iter().for_each(|(e, d)| delta.apply(&view, e, *d, true));
+                    deltas.push(delta);
+                    rest = tail;
+                }
+                deltas.reverse();
+                partitions.push(deltas);
+            }
+            let mut merged = EntityState::default();
+            while let Some(p) = (0..2)
+                .filter(|&p| !partitions[p].is_empty())
+                .nth(rng.random_range(0..2))
+                .or_else(|| (0..2).find(|&p| !partitions[p].is_empty()))
+            {
+                merged.merge(&partitions[p].pop().unwrap());
+            }
+            let end = whole.newest_ms;
+            for f in &view.features {
+                for now in [end, end + 5_000, end + 1_800_000] {
+                    assert_eq!(whole.read(f, now), merged.read(f, now), "seed {seed} feature {} at {now}", f.name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -155,7 +155,8 @@ async fn hostile_values_and_keys_are_dead_lettered_and_ingest_goes_on() {
     let expected: Vec<(String, String)> = poison.iter().map(|(v, class)| (v.to_string(), class.to_string())).collect();
     assert_eq!(dead_letters(&format!("{topic}.dlq"), poison.len()).await, expected);
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let keys: Vec<String> = sqlx::query_scalar("SELECT entity FROM feature_state").fetch_all(&pool).await.unwrap();
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT entity FROM feature_state UNION SELECT entity FROM feature_deltas").fetch_all(&pool).await.unwrap();
     assert_eq!(keys, ["u1"], "no key the server would refuse is stored");
 }
 

@@ -129,7 +129,11 @@ async fn poison_goes_to_the_dlq_with_its_origin_and_the_rest_flows() {
         |user: &str| states[&("acts".to_string(), user.to_string())].read(catalog.views[0].feature("total").unwrap(), 1_700_000_001_000);
     assert_eq!(count("u1"), Reading::Value { value: Scalar::Int(30), at_ms: 1_700_000_000_004 });
     assert_eq!(count("u3"), Reading::Value { value: Scalar::Int(5), at_ms: 1_700_000_000_005 });
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM feature_state").fetch_one(&pool).await.unwrap();
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM (SELECT entity FROM feature_state UNION SELECT entity FROM feature_deltas) AS e")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(rows, 2, "the rejected record left no trace");
 
     // The DLQ holds each poison record with its origin and error.
@@ -200,6 +204,10 @@ async fn two_instances_share_partitions_through_restarts_and_kills() {
         .await
         .unwrap();
     assert!(!owners.is_empty());
+    // Compaction folds every delta into base rows, and the answer stays.
+    let deltas = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM feature_deltas").fetch_one(&pool).await.unwrap() };
+    eventually(Duration::from_secs(60), || async { (deltas().await == 0).then_some(()) }).await.expect("all deltas folded");
+    assert_eq!(stored(&url, &text, &users).await, reference(&committed), "the same after compaction");
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -366,9 +374,9 @@ async fn events_later_than_the_allowed_lateness_are_counted_not_windowed() {
 /// Two instances commit, at the same moment, events of the same entities,
 /// none of which has a row yet (issue 10). The overlap is forced: a test
 /// transaction holds partition 0's offsets row, so the instance owning it
-/// parks its commit after writing the new entities' state; the other
-/// instance's commit of the same entities then runs into it. Released, both
-/// must land in full: the second reads what the first wrote.
+/// parks its commit inside its transaction; the other instance's commit of
+/// the same entities then runs (into it, or past it). Released, both must
+/// land in full: neither may replace what the other wrote.
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_commits_of_the_same_new_entities_lose_nothing() {
     let topic = unique("overlap");
@@ -425,9 +433,17 @@ async fn concurrent_commits_of_the_same_new_entities_lose_nothing() {
     produce(0, first.clone()).await.unwrap();
     eventually(Duration::from_secs(60), || async { (waiting().await >= 1).then_some(()) }).await.expect("partition 0's commit waits");
     produce(1, second.clone()).await.unwrap();
-    eventually(Duration::from_secs(60), || async { (waiting().await >= 2).then_some(()) })
+    let partition_1_done = || async {
+        sqlx::query_scalar::<_, i64>("SELECT records_applied FROM ingest_offsets WHERE consumer_group = $1 AND partition = 1")
+            .bind(&group)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+            == second.len() as i64
+    };
+    eventually(Duration::from_secs(60), || async { (waiting().await >= 2 || partition_1_done().await).then_some(()) })
         .await
-        .expect("partition 1's commit runs into partition 0's");
+        .expect("partition 1's commit runs into partition 0's, or lands while it is parked");
     hold.rollback().await.unwrap();
 
     let all: Vec<Act> = first.into_iter().chain(second).collect();
@@ -468,10 +484,16 @@ async fn a_store_that_lost_its_newest_commits_is_caught_up_from_kafka() {
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     produce(acts[..50].to_vec()).await.unwrap();
     applied_at_least(50).await;
-    sqlx::raw_sql("CREATE TABLE lost_state AS SELECT * FROM feature_state; CREATE TABLE lost_offsets AS SELECT * FROM ingest_offsets")
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::raw_sql(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ;
+         CREATE TABLE lost_state AS SELECT * FROM feature_state;
+         CREATE TABLE lost_deltas AS SELECT * FROM feature_deltas;
+         CREATE TABLE lost_offsets AS SELECT * FROM ingest_offsets;
+         COMMIT",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
     produce(acts[50..100].to_vec()).await.unwrap();
     applied_at_least(100).await;
     // The store goes back to how it stood after 50 records, epoch unchanged.
@@ -479,6 +501,8 @@ async fn a_store_that_lost_its_newest_commits_is_caught_up_from_kafka() {
         "BEGIN;
          DELETE FROM feature_state;
          INSERT INTO feature_state SELECT * FROM lost_state;
+         DELETE FROM feature_deltas;
+         INSERT INTO feature_deltas SELECT * FROM lost_deltas;
          UPDATE ingest_offsets o SET next_offset = l.next_offset, records_applied = l.records_applied, newest_event_at = l.newest_event_at
          FROM lost_offsets l WHERE (o.consumer_group, o.topic, o.partition) = (l.consumer_group, l.topic, l.partition);
          COMMIT",
@@ -493,4 +517,42 @@ async fn a_store_that_lost_its_newest_commits_is_caught_up_from_kafka() {
     assert_eq!(applied(&url, &group).await, 110, "the lost records are applied again, once");
     let users: Vec<i64> = (1..=10).collect();
     assert_eq!(stored(&url, &text, &users).await, reference(&acts));
+}
+
+/// Adding a feature to a view on a Monday morning: ingest stops, `rebuild`
+/// deletes the view's state and rewinds its topic, and ingest with the new
+/// file recomputes every feature, old ones and the new one, from Kafka.
+#[tokio::test(flavor = "multi_thread")]
+async fn rebuild_recomputes_a_view_with_a_new_feature_from_kafka() {
+    let topic = unique("rebuild");
+    create_topic(&topic, 2).await;
+    let url = fresh_database().await;
+    let group = unique("g");
+    let new_file = views(&topic);
+    let total = "[[view.feature]]\nname = \"total\"\naggregation = \"sum\"\nfield = \"amount\"\ntype = \"int64\"\nwindow = \"3650d\"\n";
+    assert!(new_file.contains(total));
+    let (_old_dir, old_path) = views_file(&new_file.replace(total, ""));
+    let (_new_dir, new_path) = views_file(&new_file);
+    let acts = random_acts(300, 20, u32::MAX, 61);
+    let mut process = ingest(&old_path, &url, &group, "one");
+    produce_transactions(&topic, acts.clone(), 50, u32::MAX, 1);
+    eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= 300).then_some(()) }).await.expect("applied");
+    assert!(process.terminate().success());
+
+    let out = std::process::Command::new(freshet_tests::binary("freshet-ingest"))
+        .args(["rebuild", "--view", "acts"])
+        .env("FRESHET_VIEWS", &new_path)
+        .env("FRESHET_DATABASE_URL", &url)
+        .env("FRESHET_KAFKA_BROKERS", brokers())
+        .env("FRESHET_GROUP", &group)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(applied(&url, &group).await, 0, "the view starts over");
+    let _process = ingest(&new_path, &url, &group, "one");
+    eventually(Duration::from_secs(60), || async { (applied(&url, &group).await >= 300).then_some(()) }).await.expect("recomputed");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(applied(&url, &group).await, 300, "each record once");
+    let users: Vec<i64> = (1..=20).collect();
+    assert_eq!(stored(&url, &new_file, &users).await, reference(&acts), "old and new features recomputed");
 }

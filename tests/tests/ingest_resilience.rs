@@ -114,7 +114,7 @@ async fn sigterm_stops_ingest_stuck_retrying_or_waiting_on_postgres() {
         let pool = sqlx::PgPool::connect(&url).await.unwrap();
         let hold = if stuck == "retrying" {
             // Every commit now fails with a transient error, retried forever.
-            sqlx::query("ALTER TABLE feature_state RENAME TO feature_state_away").execute(&pool).await.unwrap();
+            sqlx::query("ALTER TABLE feature_deltas RENAME TO feature_deltas_away").execute(&pool).await.unwrap();
             None
         } else {
             // Every commit now waits on this lock.

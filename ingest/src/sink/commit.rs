@@ -1,17 +1,20 @@
 //! Committing a batch: feature state and offsets in one Postgres transaction.
 //!
-//! Inside the transaction: lock and read the touched entity rows (one
-//! statement), apply the batch's events in record order, write the rows back
-//! (one statement), advance every partition of the batch with its
-//! compare-and-set on (owner epoch, starting offset), and record the batch's
-//! dead letters. If any compare-and-set fails the whole transaction rolls
-//! back and the caller learns which partitions are no longer its own.
+//! First, in memory: apply the batch's events in record order to one empty
+//! delta per touched (view, entity) (see `store::state`). Then, in one
+//! transaction: advance every partition of the batch with its compare-and-set
+//! on (owner epoch, starting offset), append the deltas (one statement, no
+//! read, no lock), announce the changed rows, and record the batch's dead
+//! letters. If any compare-and-set fails the transaction rolls back before
+//! writing anything, and the caller learns which partitions are no longer
+//! its own. A commit thus costs what its batch changed, whatever the state.
 
 use std::collections::HashMap;
 
 use freshet_store::{
     entities,
     offsets::{self, Advance, DeadLetter},
+    state::EntityState,
     view::Catalog,
 };
 use sqlx::PgPool;
@@ -69,18 +72,8 @@ pub async fn commit(
     items: &[&Item],
     skips: &Skips,
 ) -> Result<HashMap<(String, i32), (Owned, Advance)>, CommitError> {
-    let mut tx = pool.begin().await?;
-    // Durability of a batch comes from Kafka, not from this fsync: if
-    // Postgres loses the newest commits in a crash, it loses their state
-    // and their offsets together, and ingest replays them from Kafka. Not
-    // waiting for the flush takes it off the freshness path.
-    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
-    let mut keys: Vec<entities::RowKey> =
-        items.iter().flat_map(|i| i.changes.iter().map(|(v, _, e)| (catalog.views[*v].name.clone(), e.entity.clone()))).collect();
-    keys.sort();
-    keys.dedup();
-    let mut states = if keys.is_empty() { HashMap::new() } else { entities::load_for_update(&mut tx, &keys).await? };
-
+    // The batch's deltas, computed before the transaction opens.
+    let mut deltas: HashMap<entities::RowKey, EntityState> = HashMap::new();
     let mut progress: HashMap<(String, i32), (Owned, Advance)> = HashMap::new();
     let start = |tp: &(String, i32)| {
         let o = owned[tp].clone();
@@ -101,7 +94,7 @@ pub async fn commit(
     for item in items {
         let tp = (item.topic.clone(), item.partition);
         let (state, advance) = progress.entry(tp.clone()).or_insert_with(|| start(&tp));
-        advance.late += apply(catalog, &mut states, &item.changes, &mut state.newest_ms);
+        advance.late += apply(catalog, &mut deltas, &item.changes, &mut state.newest_ms);
         advance.next_offset = item.offset + 1;
         advance.high_watermark = advance.high_watermark.max(item.high_watermark);
         advance.newest_event_ms = state.newest_ms;
@@ -113,17 +106,27 @@ pub async fn commit(
         advance.high_watermark = advance.high_watermark.max(high_watermark);
     }
 
-    let rows: Vec<_> = keys.into_iter().filter_map(|k| states.remove(&k).map(|s| (k, s))).collect();
-    if !rows.is_empty() {
-        entities::store(&mut tx, &rows).await?;
-        let changed: Vec<entities::RowKey> = rows.iter().map(|(k, _)| k.clone()).collect();
-        entities::notify_changes(&mut tx, &changed).await?;
-    }
+    let mut deltas: Vec<(entities::RowKey, EntityState)> = deltas.into_iter().collect();
+    // Sorted, so that index entries go in in order (cheaper, and steady).
+    deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+    let mut tx = pool.begin().await?;
+    // Durability of a batch comes from Kafka, not from this fsync: if
+    // Postgres loses the newest commits in a crash, it loses their state
+    // and their offsets together, and ingest replays them from Kafka. Not
+    // waiting for the flush takes it off the freshness path.
+    sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
+    // Fencing first: a stale owner writes nothing.
     let advances: Vec<Advance> = progress.values().map(|(_, a)| a.clone()).collect();
     let fenced = offsets::advance(&mut tx, group, &advances).await?;
     if !fenced.is_empty() {
         tx.rollback().await?;
         return Err(CommitError::Fenced(fenced));
+    }
+    if !deltas.is_empty() {
+        entities::append(&mut tx, &deltas).await?;
+        let changed: Vec<entities::RowKey> = deltas.into_iter().map(|(k, _)| k).collect();
+        entities::notify_changes(&mut tx, &changed).await?;
     }
     let dead: Vec<DeadLetter> = items.iter().filter_map(|i| i.dead.clone()).collect();
     offsets::record_dead_letters(&mut tx, group, &dead).await?;

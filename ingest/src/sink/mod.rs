@@ -1,6 +1,8 @@
 //! Where features are committed: one Postgres transaction per batch holding
-//! the feature state and the offsets (`commit`), and the dead-letter topic
-//! for records that can never be applied (`dlq`).
+//! the feature changes and the offsets (`commit`), the dead-letter topic for
+//! records that can never be applied (`dlq`), and the background folding of
+//! committed changes into each entity's stored state (`compact`).
 
 pub mod commit;
+pub mod compact;
 pub mod dlq;

@@ -9,6 +9,7 @@
 //! resumes when that clears.
 
 mod consumer;
+mod retention;
 
 use std::sync::{
     Arc,
@@ -16,6 +17,7 @@ use std::sync::{
 };
 
 pub use consumer::{Settings, StartPolicy, spawn};
+pub use retention::earliest_offsets;
 use tokio::sync::oneshot;
 
 /// A record copied out of librdkafka.

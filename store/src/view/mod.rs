@@ -139,6 +139,28 @@ impl Catalog {
         topics
     }
 
+    /// `view` and every view that shares a topic with it, directly or through
+    /// another such view, with all their topics: what rewinding `view`'s
+    /// topics affects. `None` if there is no such view.
+    pub fn sharing_topics_with(&self, view: &str) -> Option<(Vec<String>, Vec<String>)> {
+        let mut topics: Vec<String> = self.view(view)?.source.topics.clone();
+        let mut names: Vec<String> = vec![view.to_string()];
+        loop {
+            let before = (names.len(), topics.len());
+            for v in &self.views {
+                if v.source.topics.iter().any(|t| topics.contains(t)) && !names.contains(&v.name) {
+                    names.push(v.name.clone());
+                }
+                if names.contains(&v.name) {
+                    topics.extend(v.source.topics.iter().filter(|t| !topics.contains(t)).cloned().collect::<Vec<_>>());
+                }
+            }
+            if (names.len(), topics.len()) == before {
+                return Some((names, topics));
+            }
+        }
+    }
+
     /// The views computed from `topic`.
     pub fn views_of_topic<'a>(&'a self, topic: &'a str) -> impl Iterator<Item = &'a FeatureView> + 'a {
         self.views.iter().filter(move |v| v.source.topics.iter().any(|t| t == topic))
