@@ -456,8 +456,9 @@ def expect(ok, what):
     if not ok:
         problems.append(what)
 
-# What freshet-ingest and freshet-server export (store/src/metrics.rs and its
-# callers): name -> (type, labels).
+# What freshet-ingest and freshet-server export (ingest/src/metrics.rs,
+# server/src/metrics.rs; their unit tests render each registry and compare it
+# with this list): name -> (type, labels).
 EXPORTED = {
     "freshet_ingest_records_applied_total": ("counter", {"topic", "partition"}),
     "freshet_ingest_records_dead_lettered_total": ("counter", {"topic", "partition"}),

@@ -34,7 +34,7 @@ pub struct Limits {
     pub default_deadline: Duration,
     /// Accepted bearer tokens; empty turns authentication off.
     pub tokens: Vec<String>,
-    pub metrics: std::sync::Arc<freshet_store::metrics::Metrics>,
+    pub metrics: std::sync::Arc<crate::metrics::ServerMetrics>,
 }
 
 pub type Layers = Stack<
@@ -52,7 +52,7 @@ pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
         .layer(refusals::RefusalsLayer)
         .layer(deadline::DeadlineLayer::new(limits.default_deadline))
         .layer(auth::AuthLayer::new(limits.tokens.clone()))
-        .layer(shed::ShedLayer::new(limits.max_in_flight, limits.metrics.clone()))
+        .layer(shed::ShedLayer::new(limits.max_in_flight, limits.metrics.shed.clone()))
 }
 
 /// Paths that bypass admission control.
@@ -61,7 +61,7 @@ fn exempt(path: &str) -> bool {
 }
 
 /// Every method this server serves, as (service, method).
-const METHODS: &[(&str, &str)] = &[
+pub const METHODS: &[(&str, &str)] = &[
     ("freshet.v1.FeatureService", "GetFeatures"),
     ("freshet.v1.FeatureService", "GetFreshness"),
     ("freshet.v1.FeatureService", "ListFeatureViews"),

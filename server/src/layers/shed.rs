@@ -10,7 +10,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use freshet_store::metrics::Metrics;
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tonic::Status;
 use tower::{Layer, Service};
@@ -18,19 +18,19 @@ use tower::{Layer, Service};
 #[derive(Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
+    shed: Counter,
 }
 
 impl ShedLayer {
-    pub fn new(max_in_flight: usize, metrics: Arc<Metrics>) -> Self {
-        Self { permits: Arc::new(Semaphore::new(max_in_flight)), metrics }
+    pub fn new(max_in_flight: usize, shed: Counter) -> Self {
+        Self { permits: Arc::new(Semaphore::new(max_in_flight)), shed }
     }
 }
 
 impl<S> Layer<S> for ShedLayer {
     type Service = Shed<S>;
     fn layer(&self, inner: S) -> Self::Service {
-        Shed { inner, permits: self.permits.clone(), metrics: self.metrics.clone() }
+        Shed { inner, permits: self.permits.clone(), shed: self.shed.clone() }
     }
 }
 
@@ -38,7 +38,7 @@ impl<S> Layer<S> for ShedLayer {
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
+    shed: Counter,
 }
 
 impl<S, B, R> Service<http::Request<B>> for Shed<S>
@@ -60,7 +60,7 @@ where
             return Box::pin(self.inner.call(request));
         }
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.metrics.add("freshet_server_shed_calls_total", "Calls refused at the concurrency limit.", &[], 1.0);
+            self.shed.inc();
             return Box::pin(async {
                 Ok(Status::resource_exhausted("server is at its concurrency limit; retry with backoff").into_http())
             });
