@@ -10,7 +10,8 @@
 //! 3. [`auth`]: when tokens are configured, a call without a valid bearer
 //!    token is refused `UNAUTHENTICATED` before it takes a slot.
 //! 4. [`shed`]: at most N calls in flight; the next is refused at once with
-//!    `RESOURCE_EXHAUSTED` rather than queued (a fast "no" beats a slow "yes").
+//!    `RESOURCE_EXHAUSTED` rather than queued (a fast "no" beats a slow "yes"):
+//!    tower's `ConcurrencyLimit` behind tower's `LoadShed`.
 //!
 //! Health checks pass through auth and shedding, so probes need no secret and
 //! an overloaded server is not also declared dead by its orchestrator.
