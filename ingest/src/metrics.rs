@@ -5,7 +5,7 @@
 //! offset, the consumer lag, and the newest event and last commit as
 //! timestamps (`time() - x` is an age that keeps growing when ingest stops).
 //! Per batch: commit latency and size. Flow control: retries, pauses and
-//! paused partitions. Names, types and labels are what `deploy/validate.sh`,
+//! paused partitions. Compaction: deltas folded. Names, types and labels are what `deploy/validate.sh`,
 //! the dashboard and the alert rules use (the test below holds them to it).
 //!
 //! Partition series appear with the partition's first commit; the others
@@ -48,6 +48,7 @@ pub struct IngestMetrics {
     pub commit_retries: Counter,
     pub pauses: Counter,
     pub paused_partitions: Gauge,
+    pub deltas_folded: Counter,
 }
 
 impl IngestMetrics {
@@ -65,6 +66,7 @@ impl IngestMetrics {
             commit_retries: Counter::default(),
             pauses: Counter::default(),
             paused_partitions: Gauge::default(),
+            deltas_folded: Counter::default(),
         };
         // Counters are named without `_total`: the encoder adds it.
         let r = registry;
@@ -80,6 +82,7 @@ impl IngestMetrics {
         r.register("freshet_ingest_commit_retries", "Commits retried after a transient failure", m.commit_retries.clone());
         r.register("freshet_ingest_pauses", "Times consumption was paused for flow control", m.pauses.clone());
         r.register("freshet_ingest_paused_partitions", "Partitions paused by flow control", m.paused_partitions.clone());
+        r.register("freshet_ingest_deltas_folded", "Deltas folded into base rows by compaction", m.deltas_folded.clone());
         m
     }
 
