@@ -456,8 +456,9 @@ def expect(ok, what):
     if not ok:
         problems.append(what)
 
-# What freshet-ingest and freshet-server export (store/src/metrics.rs and its
-# callers): name -> (type, labels).
+# What freshet-ingest and freshet-server export (ingest/src/metrics.rs,
+# server/src/metrics.rs; their unit tests render each registry and compare it
+# with this list): name -> (type, labels).
 EXPORTED = {
     "freshet_ingest_records_applied_total": ("counter", {"topic", "partition"}),
     "freshet_ingest_records_dead_lettered_total": ("counter", {"topic", "partition"}),
@@ -471,6 +472,7 @@ EXPORTED = {
     "freshet_ingest_commit_retries_total": ("counter", set()),
     "freshet_ingest_pauses_total": ("counter", set()),
     "freshet_ingest_paused_partitions": ("gauge", set()),
+    "freshet_ingest_deltas_folded_total": ("counter", set()),
     "freshet_server_calls_total": ("counter", {"method", "code"}),
     "freshet_server_call_duration_seconds": ("histogram", {"method"}),
     "freshet_server_in_flight_calls": ("gauge", set()),

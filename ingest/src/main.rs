@@ -6,6 +6,7 @@
 //! drives batches between them.
 
 mod backoff;
+mod metrics;
 mod pipeline;
 mod shutdown;
 mod sink;
@@ -16,9 +17,10 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use freshet_store::{db, metrics::Metrics, owners, view::Catalog};
+use freshet_store::{db, owners, view::Catalog};
 
 use crate::{
+    metrics::IngestMetrics,
     pipeline::{BatchLimits, Pipeline},
     shutdown::Shutdown,
     sink::{compact::Compactor, dlq::DeadLetterQueue},
@@ -184,9 +186,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let owner = format!("{}-{}", hostname(), std::process::id());
     let dlq = DeadLetterQueue::new(&args.brokers, &args.group, &owner)?;
     let in_flight = Arc::new(InFlight::default());
-    let metrics = Arc::new(Metrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(IngestMetrics::new(&mut registry));
     if let Some(address) = args.metrics_listen {
-        let bound = freshet_store::metrics::serve(metrics.clone(), address).await?;
+        let bound = freshet_store::metrics::serve(Arc::new(registry), address).await?;
         println!("freshet-ingest metrics on http://{bound}/metrics");
     }
     let topics = catalog.topics();

@@ -30,7 +30,6 @@ use std::{
 };
 
 use freshet_store::{
-    metrics::Metrics,
     offsets::{self, Advance, DeadLetter},
     owners::{self, OwnershipError},
     view::Catalog,
@@ -41,6 +40,7 @@ use tracing::Instrument;
 
 use crate::{
     backoff::Backoff,
+    metrics::IngestMetrics,
     shutdown::{Abandoned, Shutdown},
     sink::{
         commit::{self, CommitError, Failure, Item, Owned, Skips},
@@ -66,7 +66,7 @@ pub struct Pipeline {
     pub in_flight: SharedInFlight,
     pub commands: std::sync::mpsc::Sender<Command>,
     pub limits: BatchLimits,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IngestMetrics>,
     owned: HashMap<TopicPartition, Owned>,
     /// Next offset to accept per owned partition (`None`: the first that
     /// comes). An owned partition is absent while it is being rewound: its
@@ -97,7 +97,7 @@ impl Pipeline {
         in_flight: SharedInFlight,
         commands: std::sync::mpsc::Sender<Command>,
         limits: BatchLimits,
-        metrics: Arc<Metrics>,
+        metrics: Arc<IngestMetrics>,
         shutdown: Shutdown,
     ) -> Self {
         Self {
@@ -495,7 +495,7 @@ impl Pipeline {
                     }
                     Err(CommitError::Sql(e)) => {
                         self.in_flight.sink_failing.store(true, Ordering::Relaxed);
-                        self.metrics.add("freshet_ingest_commit_retries_total", "Commits retried after a transient failure.", &[], 1.0);
+                        self.metrics.commit_retries.inc();
                         tracing::warn!(error = %e, attempt = backoff.attempts(), "commit failed; partitions paused, retrying");
                         backoff.wait(&self.shutdown).await?;
                     }
@@ -522,42 +522,8 @@ impl Pipeline {
     }
 
     fn note_commit(&mut self, took: Duration, records: usize, progress: &HashMap<TopicPartition, (Owned, Advance)>) {
-        let m = &self.metrics;
-        m.observe("freshet_ingest_commit_duration_seconds", "Time to commit one batch (state and offsets).", &[], took.as_secs_f64());
-        m.observe("freshet_ingest_batch_records", "Records per committed batch.", &[], records as f64);
-        for ((topic, partition), (_, a)) in progress {
-            let partition = partition.to_string();
-            let labels: &[(&str, &str)] = &[("topic", topic), ("partition", &partition)];
-            m.add("freshet_ingest_records_applied_total", "Records applied to feature state.", labels, a.applied as f64);
-            m.add("freshet_ingest_records_dead_lettered_total", "Records sent to the dead-letter topic.", labels, a.dead as f64);
-            m.add(
-                "freshet_ingest_late_events_total",
-                "Events later than the allowed lateness, kept out of windows.",
-                labels,
-                a.late as f64,
-            );
-            m.set("freshet_ingest_committed_offset", "Next offset to apply, as committed.", labels, a.next_offset as f64);
-            m.set(
-                "freshet_ingest_consumer_lag_records",
-                "High watermark minus committed offset.",
-                labels,
-                (a.high_watermark - a.next_offset).max(0) as f64,
-            );
-            if let Some(newest) = a.newest_event_ms {
-                m.set(
-                    "freshet_ingest_newest_event_timestamp_seconds",
-                    "Event time of the newest event applied.",
-                    labels,
-                    newest as f64 / 1000.0,
-                );
-            }
-            m.set("freshet_ingest_last_commit_timestamp_seconds", "When the partition last committed.", labels, now_seconds());
-        }
+        self.metrics.committed(took, records, progress.values().map(|(_, a)| a));
     }
-}
-
-fn now_seconds() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// Links a commit span to the traces of the records it applies (W3C

@@ -29,8 +29,10 @@ use std::{
     time::Duration,
 };
 
-use freshet_store::{codec, entities, entities::RowKey, metrics::Metrics, state::EntityState};
+use freshet_store::{codec, entities, entities::RowKey, state::EntityState};
 use redis::aio::ConnectionManager;
+
+use crate::metrics::ServerMetrics;
 
 /// A cached row: its state, or `None` for an entity the view does not know.
 pub type Entry = Option<EntityState>;
@@ -61,7 +63,7 @@ pub struct Cache {
     stale_for: Duration,
     /// Set while Redis is failing: reads go straight to Postgres.
     pub degraded: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
 }
 
 /// Sets the entry only if the generation is unchanged since the read.
@@ -69,7 +71,13 @@ const FILL: &str =
     "if (redis.call('GET', KEYS[2]) or '') == ARGV[2] then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end return 0";
 
 impl Cache {
-    pub async fn connect(url: &str, prefix: &str, ttl: Duration, stale_for: Duration, metrics: Arc<Metrics>) -> redis::RedisResult<Cache> {
+    pub async fn connect(
+        url: &str,
+        prefix: &str,
+        ttl: Duration,
+        stale_for: Duration,
+        metrics: Arc<ServerMetrics>,
+    ) -> redis::RedisResult<Cache> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
             // A slow cache is worse than none: give up quickly and use Postgres.
@@ -161,7 +169,7 @@ impl Cache {
     fn observe<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
         let failed = result.is_err();
         if self.degraded.swap(failed, Ordering::Relaxed) != failed {
-            self.metrics.set("freshet_server_cache_degraded", "1 while Redis fails and reads go to Postgres.", &[], failed as u8 as f64);
+            self.metrics.cache_degraded.set(failed as i64);
             match &result {
                 Err(e) => tracing::warn!(error = %e, "Redis failing: serving from Postgres (degraded)"),
                 Ok(_) => tracing::info!("Redis is back: cache in use"),

@@ -14,13 +14,12 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use freshet_proto::v1::feature_service_server::FeatureServiceServer;
-use freshet_store::metrics::Metrics;
 use sqlx::{Connection, PgConnection, PgPool, postgres::PgConnectOptions};
 use tokio::{sync::watch, time::Instant};
 use tonic::Status;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{cache::Cache, service::Features};
+use crate::{cache::Cache, metrics::ServerMetrics, service::Features};
 
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -72,7 +71,7 @@ pub async fn start(
     cache: Option<Cache>,
     stale_for: Duration,
     health: HealthReporter,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
 ) -> (Postgres, tokio::task::JoinHandle<()>) {
     set(&health, ServingStatus::Serving).await;
     let (reachable, receiver) = watch::channel(Reachable::Yes);
@@ -87,7 +86,7 @@ async fn probe(
     stale_for: Duration,
     health: HealthReporter,
     reachable: watch::Sender<Reachable>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
 ) {
     let mut connection: Option<PgConnection> = None;
     // Announced by `start`; from then on only changes are (Watch streams
@@ -114,7 +113,7 @@ async fn probe(
             }
             _ => false,
         });
-        metrics.set("freshet_server_store_up", "1 while Postgres answers the server's probe.", &[], up as u8 as f64);
+        metrics.store_up.set(up as i64);
         let redis = match &cache {
             Some(cache) => cache.ping().await,
             None => false,

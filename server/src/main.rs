@@ -9,6 +9,7 @@ mod evaluate;
 mod freshness;
 mod health;
 mod layers;
+mod metrics;
 mod reader;
 mod request;
 mod service;
@@ -146,9 +147,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => layers::auth::read_tokens(path)?,
         None => Vec::new(),
     };
-    let metrics = Arc::new(freshet_store::metrics::Metrics::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = Arc::new(metrics::ServerMetrics::new(&mut registry, layers::METHODS.iter().map(|(_, method)| *method)));
     if let Some(address) = args.metrics_listen {
-        let bound = freshet_store::metrics::serve(metrics.clone(), address).await?;
+        let bound = freshet_store::metrics::serve(Arc::new(registry), address).await?;
         println!("freshet-server metrics on http://{bound}/metrics");
     }
     let pool = db::connect(&args.db.database_url, args.db_connections).await?;
@@ -251,30 +253,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Replication slot lag as metrics, so an alert fires before WAL fills the disk.
-async fn watch_slots(source: sqlx::PgPool, metrics: Arc<freshet_store::metrics::Metrics>) {
+async fn watch_slots(source: sqlx::PgPool, metrics: Arc<metrics::ServerMetrics>) {
     loop {
         match service::replication_slots(&source).await {
             Ok(slots) => {
                 for slot in slots {
-                    let labels: &[(&str, &str)] = &[("slot", &slot.name)];
-                    metrics.set(
-                        "freshet_source_replication_slot_lag_bytes",
-                        "WAL written since the slot's consumer last confirmed.",
-                        labels,
-                        slot.lag_bytes as f64,
-                    );
-                    metrics.set(
-                        "freshet_source_replication_slot_retained_bytes",
-                        "WAL the source keeps for the slot.",
-                        labels,
-                        slot.retained_bytes as f64,
-                    );
-                    metrics.set(
-                        "freshet_source_replication_slot_active",
-                        "1 while a consumer is attached to the slot.",
-                        labels,
-                        slot.active as u8 as f64,
-                    );
+                    metrics.slot(&slot.name, slot.lag_bytes, slot.retained_bytes, slot.active);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the source's replication slots"),

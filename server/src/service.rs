@@ -35,7 +35,7 @@ pub struct Features {
     pub watermarks: crate::watermarks::Watermarks,
     /// The CDC source database, to report its replication slots.
     pub source: Option<PgPool>,
-    pub metrics: std::sync::Arc<freshet_store::metrics::Metrics>,
+    pub metrics: std::sync::Arc<crate::metrics::ServerMetrics>,
 }
 
 #[tonic::async_trait]
@@ -50,7 +50,7 @@ impl FeatureService for Features {
             CacheOutcome::Stale(age) => Some(duration(age)),
             _ => None,
         };
-        self.metrics.add("freshet_server_cache_reads_total", "GetFeatures reads by cache outcome.", &[("outcome", cache.as_str())], 1.0);
+        self.metrics.cache_read(cache.as_str());
         tracing::Span::current().record("cache", tracing::field::debug(cache));
         let mut values = evaluate::evaluate(&plan, &states, now_ms, || deadline.is_some_and(|d| tokio::time::Instant::now() >= d)).await?;
         // An entity asked for twice was evaluated once: its last row takes

@@ -288,7 +288,7 @@ pub fn free_port() -> u16 {
 pub async fn scrape(port: u16) -> std::collections::BTreeMap<String, f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return Default::default() };
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
     let mut text = String::new();
     stream.read_to_string(&mut text).await.unwrap();
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();

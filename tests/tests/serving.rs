@@ -188,7 +188,10 @@ async fn bad_requests_name_the_field() {
 #[tokio::test]
 async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
     let url = fresh_database().await;
-    let (_server, address) = server(&reference_views(), &url, &["--max-in-flight", "2", "--default-deadline-ms", "20000"]);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (_server, address) =
+        server(&reference_views(), &url, &["--max-in-flight", "2", "--default-deadline-ms", "20000", "--metrics-listen", &listen]);
     let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     // Hold a lock that makes every read wait, so admitted calls stay in flight.
     let blocker = lock_feature_state(&url).await;
@@ -210,6 +213,15 @@ async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
         }
     }
     assert_eq!(refused, 20);
+    // Health is not limited: probes still hear SERVING.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let check = tonic_health::pb::HealthCheckRequest { service: "freshet.v1.FeatureService".into() };
+    assert_eq!(health.check(check).await.unwrap().into_inner().status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
+    // Shed calls are counted as such, and under their code.
+    let m = scrape(port).await;
+    assert_eq!(m.get("freshet_server_shed_calls_total"), Some(&20.0), "{m:?}");
+    assert_eq!(m.get("freshet_server_calls_total{method=\"GetFeatures\",code=\"8\"}"), Some(&20.0), "{m:?}");
     drop(blocker);
     for call in slow {
         call.await.unwrap().expect("admitted calls complete once the lock is gone");

@@ -10,10 +10,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use freshet_store::{entities, metrics::Metrics, view::Catalog};
+use freshet_store::{entities, view::Catalog};
 use sqlx::PgPool;
 
-use crate::{backoff::Backoff, shutdown::Shutdown};
+use crate::{backoff::Backoff, metrics::IngestMetrics, shutdown::Shutdown};
 
 pub struct Compactor {
     pub pool: PgPool,
@@ -22,7 +22,7 @@ pub struct Compactor {
     pub entities_per_fold: i64,
     /// Rest between rounds once the backlog is gone.
     pub interval: Duration,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<IngestMetrics>,
 }
 
 impl Compactor {
@@ -40,12 +40,7 @@ impl Compactor {
                 Err(_abandoned) => return,
                 Ok(Ok(folded)) => {
                     backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-                    self.metrics.add(
-                        "freshet_ingest_deltas_folded_total",
-                        "Deltas folded into base rows by compaction.",
-                        &[],
-                        folded as f64,
-                    );
+                    self.metrics.deltas_folded.inc_by(folded as u64);
                     // Folded fewer than a full round: the backlog is gone.
                     if folded < self.entities_per_fold as usize { self.interval } else { Duration::ZERO }
                 }

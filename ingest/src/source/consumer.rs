@@ -45,7 +45,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use freshet_store::metrics::Metrics;
 use rdkafka::{
     ClientConfig, ClientContext, Message, Offset, TopicPartitionList,
     consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol},
@@ -57,6 +56,7 @@ use rdkafka::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Command, Record, SharedInFlight, SourceEvent, Start, TopicPartition};
+use crate::metrics::IngestMetrics;
 
 /// Where to start a partition that has no stored offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,7 +72,7 @@ pub struct Settings {
     pub topics: Vec<String>,
     pub max_in_flight_records: usize,
     pub max_in_flight_bytes: usize,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<IngestMetrics>,
 }
 
 /// How often the poll loop compares positions with what it delivered.
@@ -272,9 +272,9 @@ fn poll_loop(
                         paused = over;
                         consumer.context().paused.store(over, Ordering::Relaxed);
                         let count = if over { assignment.count() } else { 0 };
-                        settings.metrics.set("freshet_ingest_paused_partitions", "Partitions paused by flow control.", &[], count as f64);
+                        settings.metrics.paused_partitions.set(count as i64);
                         if over {
-                            settings.metrics.add("freshet_ingest_pauses_total", "Times consumption was paused for flow control.", &[], 1.0);
+                            settings.metrics.pauses.inc();
                         }
                         tracing::debug!(paused, partitions = assignment.count(), "flow control");
                     }

@@ -16,19 +16,18 @@ use std::{
     time::Instant,
 };
 
-use freshet_store::metrics::Metrics;
+use tonic::Code;
 use tower::{Layer, Service};
 
-const IN_FLIGHT: &str = "freshet_server_in_flight_calls";
-const IN_FLIGHT_HELP: &str = "Calls being handled now.";
+use crate::metrics::{Method, ServerMetrics};
 
 #[derive(Clone)]
 pub struct MetricsLayer {
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl MetricsLayer {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<ServerMetrics>) -> Self {
         Self { metrics }
     }
 }
@@ -43,7 +42,7 @@ impl<S> Layer<S> for MetricsLayer {
 #[derive(Clone)]
 pub struct Measured<S> {
     inner: S,
-    metrics: Arc<Metrics>,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl<S, B, R> Service<http::Request<B>> for Measured<S>
@@ -60,15 +59,15 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = super::known_method(request.uri().path()).map_or("unknown", |(_, method)| method);
+        let method = self.metrics.method(super::known_method(request.uri().path()).map(|(_, method)| method));
         let mut call = Call::start(self.metrics.clone(), method);
         let future = self.inner.call(request);
         Box::pin(async move {
             let result = future.await;
             // Errors are trailers-only responses, with grpc-status in the headers.
             call.answered(match &result {
-                Ok(response) => response.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string(),
-                Err(_) => "2".to_string(),
+                Ok(response) => response.headers().get("grpc-status").map_or(Code::Ok, |v| Code::from_bytes(v.as_bytes())),
+                Err(_) => Code::Unknown,
             });
             result
         })
@@ -78,39 +77,28 @@ where
 /// One call, in flight until dropped; counted with its code then, or as
 /// `CANCELLED` if it never got one.
 struct Call {
-    metrics: Arc<Metrics>,
-    method: &'static str,
+    metrics: Arc<ServerMetrics>,
+    method: Method,
     started: Instant,
-    code: Option<String>,
+    code: Option<Code>,
 }
 
 impl Call {
-    fn start(metrics: Arc<Metrics>, method: &'static str) -> Call {
-        metrics.adjust(IN_FLIGHT, IN_FLIGHT_HELP, &[], 1.0);
+    fn start(metrics: Arc<ServerMetrics>, method: Method) -> Call {
+        metrics.in_flight.inc();
         Call { metrics, method, started: Instant::now(), code: None }
     }
 
-    fn answered(&mut self, code: String) {
+    /// Takes `&mut self`, so that the call's future owns the whole guard.
+    fn answered(&mut self, code: Code) {
         self.code = Some(code);
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        let code = self.code.as_deref().unwrap_or("1");
-        self.metrics.adjust(IN_FLIGHT, IN_FLIGHT_HELP, &[], -1.0);
-        self.metrics.add(
-            "freshet_server_calls_total",
-            "Calls by method and gRPC status code.",
-            &[("method", self.method), ("code", code)],
-            1.0,
-        );
-        self.metrics.observe(
-            "freshet_server_call_duration_seconds",
-            "Call latency by method.",
-            &[("method", self.method)],
-            self.started.elapsed().as_secs_f64(),
-        );
+        self.metrics.in_flight.dec();
+        self.metrics.call_ended(self.method, self.code.unwrap_or(Code::Cancelled), self.started.elapsed());
     }
 }
 
@@ -118,40 +106,51 @@ impl Drop for Call {
 mod tests {
     use std::time::Duration;
 
-    use super::*;
+    use prometheus_client::registry::Registry;
 
-    fn count(metrics: &Metrics, series: &str) -> Option<f64> {
-        metrics.render().lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    use super::*;
+    use crate::metrics::testing::{registered, render};
+
+    fn count(registry: &Registry, series: &str) -> Option<f64> {
+        render(registry).lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
+
+    const IN_FLIGHT: &str = "freshet_server_in_flight_calls";
 
     #[tokio::test]
     async fn a_dropped_call_leaves_flight_and_is_counted_cancelled() {
-        let metrics = Arc::new(Metrics::default());
+        let (registry, metrics) = registered();
         let never =
             tower::service_fn(|_: http::Request<()>| std::future::pending::<Result<http::Response<()>, std::convert::Infallible>>());
-        let mut service = MetricsLayer::new(metrics.clone()).layer(never);
+        let mut service = MetricsLayer::new(metrics).layer(never);
         let request = || http::Request::builder().uri("/freshet.v1.FeatureService/GetFeatures").body(()).unwrap();
         let calls: Vec<_> = (0..3).map(|_| service.call(request())).collect();
-        assert_eq!(count(&metrics, IN_FLIGHT), Some(3.0));
-        assert!(metrics.render().contains(&format!("# TYPE {IN_FLIGHT} gauge")));
+        assert_eq!(count(&registry, IN_FLIGHT), Some(3.0));
         // The client goes away: hyper drops the call's future.
         let first = tokio::time::timeout(Duration::from_millis(1), service.call(request())).await;
         assert!(first.is_err());
         drop(calls);
-        assert_eq!(count(&metrics, IN_FLIGHT), Some(0.0));
-        assert_eq!(count(&metrics, "freshet_server_calls_total{method=\"GetFeatures\",code=\"1\"}"), Some(4.0));
+        assert_eq!(count(&registry, IN_FLIGHT), Some(0.0));
+        assert_eq!(count(&registry, "freshet_server_calls_total{method=\"GetFeatures\",code=\"1\"}"), Some(4.0));
     }
 
     #[tokio::test]
     async fn unknown_paths_share_one_label() {
-        let metrics = Arc::new(Metrics::default());
+        let (registry, metrics) = registered();
         let answer = tower::service_fn(|_: http::Request<()>| async { Ok::<_, std::convert::Infallible>(http::Response::new(())) });
-        let mut service = MetricsLayer::new(metrics.clone()).layer(answer);
+        let mut service = MetricsLayer::new(metrics).layer(answer);
+        let series = || {
+            render(&registry)
+                .lines()
+                .map(|l| l.rsplit_once(' ').map_or(l, |(k, _)| k).to_string())
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        let before = series();
         for i in 0..100 {
             let request = http::Request::builder().uri(format!("/random{i}.Service/Method{i}")).body(()).unwrap();
             service.call(request).await.unwrap();
         }
-        assert_eq!(count(&metrics, "freshet_server_calls_total{method=\"unknown\",code=\"0\"}"), Some(100.0));
-        assert_eq!(metrics.render().lines().filter(|l| l.starts_with("freshet_server_calls_total")).count(), 1);
+        assert_eq!(count(&registry, "freshet_server_calls_total{method=\"unknown\",code=\"0\"}"), Some(100.0));
+        assert_eq!(series(), before, "no series added by 100 distinct paths");
     }
 }

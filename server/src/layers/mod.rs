@@ -10,7 +10,8 @@
 //! 3. [`auth`]: when tokens are configured, a call without a valid bearer
 //!    token is refused `UNAUTHENTICATED` before it takes a slot.
 //! 4. [`shed`]: at most N calls in flight; the next is refused at once with
-//!    `RESOURCE_EXHAUSTED` rather than queued (a fast "no" beats a slow "yes").
+//!    `RESOURCE_EXHAUSTED` rather than queued (a fast "no" beats a slow "yes"):
+//!    tower's `ConcurrencyLimit` behind tower's `LoadShed`.
 //!
 //! Health checks pass through auth and shedding, so probes need no secret and
 //! an overloaded server is not also declared dead by its orchestrator.
@@ -34,7 +35,7 @@ pub struct Limits {
     pub default_deadline: Duration,
     /// Accepted bearer tokens; empty turns authentication off.
     pub tokens: Vec<String>,
-    pub metrics: std::sync::Arc<freshet_store::metrics::Metrics>,
+    pub metrics: std::sync::Arc<crate::metrics::ServerMetrics>,
 }
 
 pub type Layers = Stack<
@@ -52,7 +53,7 @@ pub fn compose(limits: &Limits) -> ServiceBuilder<Layers> {
         .layer(refusals::RefusalsLayer)
         .layer(deadline::DeadlineLayer::new(limits.default_deadline))
         .layer(auth::AuthLayer::new(limits.tokens.clone()))
-        .layer(shed::ShedLayer::new(limits.max_in_flight, limits.metrics.clone()))
+        .layer(shed::ShedLayer::new(limits.max_in_flight, limits.metrics.shed.clone()))
 }
 
 /// Paths that bypass admission control.
@@ -61,7 +62,7 @@ fn exempt(path: &str) -> bool {
 }
 
 /// Every method this server serves, as (service, method).
-const METHODS: &[(&str, &str)] = &[
+pub const METHODS: &[(&str, &str)] = &[
     ("freshet.v1.FeatureService", "GetFeatures"),
     ("freshet.v1.FeatureService", "GetFreshness"),
     ("freshet.v1.FeatureService", "ListFeatureViews"),
