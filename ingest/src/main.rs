@@ -103,7 +103,7 @@ struct RunArgs {
     #[arg(long, env = "FRESHET_LINGER_MS", default_value_t = 5)]
     linger_ms: u64,
     /// Records held (queued or batched) before partitions are paused.
-    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_RECORDS", default_value_t = 20000)]
+    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_RECORDS", default_value_t = 60000)]
     max_in_flight_records: usize,
     /// Bytes held before partitions are paused.
     #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_BYTES", default_value_t = 32 << 20)]

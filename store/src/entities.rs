@@ -72,21 +72,31 @@ pub async fn read(pool: &PgPool, views: &[&str], entities: &[&str]) -> Result<Ha
     Ok(states)
 }
 
-/// Folds the deltas of up to `entities` entities (those with the oldest
-/// deltas) into their bases, `prune`s each base (drop what no window can
-/// reach), and deletes the folded deltas, in one transaction. Returns how
-/// many deltas it folded.
-pub async fn compact(pool: &PgPool, entities: i64, prune: impl Fn(&str, &mut EntityState)) -> Result<usize, sqlx::Error> {
+/// The id of the newest delta, if any: a compaction pass folds the entities
+/// with deltas up to it.
+pub async fn newest_delta(pool: &PgPool) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT max(id) FROM feature_deltas").fetch_one(pool).await
+}
+
+/// Folds every delta of up to `entities` entities (those with the oldest
+/// deltas, among deltas up to `cutoff`) into their bases, `prune`s each base
+/// (drop what no window can reach), and deletes the folded deltas, in one
+/// transaction. Returns how many deltas it folded: 0 once no delta up to
+/// `cutoff` is left (or free: another compactor holds it).
+pub async fn compact(pool: &PgPool, entities: i64, cutoff: i64, prune: impl Fn(&str, &mut EntityState)) -> Result<usize, sqlx::Error> {
     let mut tx = pool.begin().await?;
     // As for commits: a crash loses the fold and its deletes together.
     sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
     let deltas: Vec<(i64, String, String, Vec<u8>)> = sqlx::query_as(
         "SELECT d.id, d.view, d.entity, d.delta FROM feature_deltas d
-         JOIN (SELECT DISTINCT view, entity FROM (SELECT view, entity FROM feature_deltas ORDER BY id LIMIT $1) AS oldest) AS e
+         JOIN (SELECT DISTINCT view, entity FROM (
+                   SELECT view, entity FROM feature_deltas WHERE id <= $2 ORDER BY id LIMIT $1
+               ) AS oldest) AS e
            ON d.view = e.view AND d.entity = e.entity
          ORDER BY d.id FOR UPDATE OF d SKIP LOCKED",
     )
     .bind(entities)
+    .bind(cutoff)
     .fetch_all(&mut *tx)
     .await?;
     if deltas.is_empty() {

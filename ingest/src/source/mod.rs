@@ -115,13 +115,18 @@ impl InFlight {
         self.bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    /// Whether to pause. A failing sink pauses only while it holds records:
-    /// the commit of those clears the flag or is retried; with nothing in
-    /// flight no commit could ever clear it, and consumption must go on.
-    fn over(&self, max_records: usize, max_bytes: usize) -> bool {
+    /// Whether to be paused, given whether we are. Pause at the bounds,
+    /// resume below half of them: every resume restarts librdkafka's
+    /// fetches, and resuming as soon as one batch commits (a pause per
+    /// batch) held ingest to a fifth of its speed. A failing sink pauses
+    /// only while it holds records: the commit of those clears the flag or
+    /// is retried; with nothing in flight no commit could ever clear it, and
+    /// consumption must go on.
+    fn over(&self, max_records: usize, max_bytes: usize, paused: bool) -> bool {
+        let (max_records, max_bytes) = if paused { (max_records / 2, max_bytes / 2) } else { (max_records, max_bytes) };
         let records = self.records.load(Ordering::Relaxed);
-        records >= max_records
-            || self.bytes.load(Ordering::Relaxed) >= max_bytes
+        records >= max_records.max(1)
+            || self.bytes.load(Ordering::Relaxed) >= max_bytes.max(1)
             || (records > 0 && self.sink_failing.load(Ordering::Relaxed))
     }
 }
