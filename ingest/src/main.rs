@@ -118,7 +118,7 @@ struct RunArgs {
     compact_entities: i64,
     /// Rest (ms) between compaction rounds once no backlog remains: changes
     /// gather meanwhile, so one fold covers many commits.
-    #[arg(long, env = "FRESHET_COMPACT_INTERVAL_MS", default_value_t = 1000)]
+    #[arg(long, env = "FRESHET_COMPACT_INTERVAL_MS", default_value_t = 5000)]
     compact_interval_ms: u64,
     /// Where to serve Prometheus metrics (`GET /metrics`); off if unset.
     #[arg(long, env = "FRESHET_METRICS_LISTEN")]
