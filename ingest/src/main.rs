@@ -48,14 +48,10 @@ enum Command {
     /// earliest retained offsets, in one transaction. Views sharing a topic
     /// with it are rebuilt too. Run it, then start ingest with the new file.
     Rebuild {
-        #[arg(long, env = "FRESHET_DATABASE_URL")]
-        database_url: String,
+        #[command(flatten)]
+        store: StoreArgs,
         #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
         brokers: String,
-        #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
-        views: PathBuf,
-        #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
-        group: String,
         /// The view to recompute.
         #[arg(long)]
         view: String,
@@ -64,27 +60,31 @@ enum Command {
     /// group that computed them so far (whose instances are fenced): to
     /// rename a group, or to take over from one that is gone.
     TakeOver {
-        #[arg(long, env = "FRESHET_DATABASE_URL")]
-        database_url: String,
-        #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
-        views: PathBuf,
-        /// The group that computes the views from now on.
-        #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
-        group: String,
+        /// `--group`: the group that computes the views from now on.
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
+/// Which store, which views, which consumer group: what every command
+/// that touches a group's views names.
 #[derive(Args)]
-struct RunArgs {
+struct StoreArgs {
     #[arg(long, env = "FRESHET_DATABASE_URL")]
     database_url: String,
-    #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
-    brokers: String,
     #[arg(long, env = "FRESHET_VIEWS", default_value = "deploy/views/reference.toml")]
     views: PathBuf,
     /// Consumer group: partitions are shared among its instances.
     #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
     group: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
+    brokers: String,
     /// Static group membership (Kafka `group.instance.id`): a restarted
     /// instance with the same id takes its partitions back at once, without
     /// waiting for the session timeout. Give each replica its own.
@@ -131,12 +131,13 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Migrate { database_url } => Ok(db::migrate_command(&database_url).await?),
         Command::Run(args) => run(args).await,
-        Command::TakeOver { database_url, views, group } => take_over(&database_url, &views, &group).await,
-        Command::Rebuild { database_url, brokers, views, group, view } => rebuild(&database_url, &brokers, &views, &group, &view).await,
+        Command::TakeOver { store } => take_over(&store).await,
+        Command::Rebuild { store, brokers, view } => rebuild(&store, &brokers, &view).await,
     }
 }
 
-async fn rebuild(database_url: &str, brokers: &str, views: &std::path::Path, group: &str, view: &str) -> anyhow::Result<()> {
+async fn rebuild(store: &StoreArgs, brokers: &str, view: &str) -> anyhow::Result<()> {
+    let StoreArgs { database_url, views, group } = store;
     let catalog = Catalog::load(views)?;
     let (names, topics) = catalog.sharing_topics_with(view).ok_or_else(|| anyhow::anyhow!("no view {view:?} in {}", views.display()))?;
     let restarts = tokio::task::spawn_blocking({
@@ -153,14 +154,15 @@ async fn rebuild(database_url: &str, brokers: &str, views: &std::path::Path, gro
     Ok(())
 }
 
-async fn take_over(database_url: &str, views: &std::path::Path, group: &str) -> anyhow::Result<()> {
+async fn take_over(store: &StoreArgs) -> anyhow::Result<()> {
+    let StoreArgs { database_url, views, group } = store;
     let catalog = Catalog::load(views)?;
     let pool = db::connect(database_url, 1).await?;
     db::ensure_migrated(&pool).await?;
     let names: Vec<&str> = catalog.views.iter().map(|v| v.name.as_str()).collect();
     for (view, previous) in owners::take_over(&pool, group, &names, &catalog.topics()).await? {
         match previous {
-            Some(previous) if previous != group => println!("view {view}: taken over from group {previous} by group {group}"),
+            Some(previous) if previous != *group => println!("view {view}: taken over from group {previous} by group {group}"),
             Some(_) => println!("view {view}: already computed by group {group}"),
             None => println!("view {view}: now computed by group {group}"),
         }
@@ -178,13 +180,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             shutdown.request();
         }
     });
-    let catalog = Arc::new(Catalog::load(&args.views)?);
-    let pool = db::connect(&args.database_url, 4).await?;
+    let catalog = Arc::new(Catalog::load(&args.store.views)?);
+    let pool = db::connect(&args.store.database_url, 4).await?;
     db::ensure_migrated(&pool).await?;
     let views: Vec<&str> = catalog.views.iter().map(|v| v.name.as_str()).collect();
-    owners::adopt(&pool, &args.group, &views).await?;
+    owners::adopt(&pool, &args.store.group, &views).await?;
     let owner = format!("{}-{}", hostname(), std::process::id());
-    let dlq = DeadLetterQueue::new(&args.brokers, &args.group, &owner)?;
+    let dlq = DeadLetterQueue::new(&args.brokers, &args.store.group, &owner)?;
     let in_flight = Arc::new(InFlight::default());
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(IngestMetrics::new(&mut registry));
@@ -193,11 +195,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!("freshet-ingest metrics on http://{bound}/metrics");
     }
     let topics = catalog.topics();
-    tracing::info!(?topics, group = args.group, owner, "starting ingest");
+    tracing::info!(?topics, group = args.store.group, owner, "starting ingest");
     let (events, commands, poll_thread) = source::spawn(
         Settings {
             brokers: args.brokers.clone(),
-            group: args.group.clone(),
+            group: args.store.group.clone(),
             instance_id: args.instance_id.clone(),
             topics,
             max_in_flight_records: args.max_in_flight_records,
@@ -219,7 +221,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pipeline = Pipeline::new(
         catalog,
         pool,
-        args.group,
+        args.store.group,
         owner,
         args.start,
         dlq,

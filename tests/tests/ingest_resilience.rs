@@ -12,9 +12,7 @@ use freshet_tests::{
     binary, brokers, create_topic, eventually, fresh_database, ingest, unique, views_file,
 };
 use rdkafka::{
-    ClientConfig, Message,
-    consumer::{BaseConsumer, Consumer},
-    message::Headers,
+    ClientConfig,
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
 
@@ -179,26 +177,8 @@ async fn a_record_too_large_for_the_dlq_is_cut_down_and_ingest_goes_on() {
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let message: String = sqlx::query_scalar("SELECT error_message FROM dead_letters").fetch_one(&pool).await.unwrap();
     assert!(message.contains("truncated") && message.contains("999800"), "{message}");
-    let dlq = format!("{topic}.dlq");
-    let letter = tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", unique("dlq"))
-            .set("auto.offset.reset", "earliest")
-            .create()
-            .unwrap();
-        consumer.subscribe(&[&dlq]).unwrap();
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while std::time::Instant::now() < end {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-                let size = m.headers().and_then(|h| h.iter().find(|h| h.key == "freshet.dlq.value.bytes").and_then(|h| h.value));
-                return Some((m.payload().map_or(0, <[u8]>::len), size.map(|s| String::from_utf8_lossy(s).into_owned())));
-            }
-        }
-        None
-    })
-    .await
-    .unwrap();
+    let letters = freshet_tests::dlq::dead_letters(&format!("{topic}.dlq"), 1).await;
+    let letter = letters.first().map(|(payload, headers)| (payload.len(), headers.get("freshet.dlq.value.bytes").cloned()));
     assert_eq!(letter, Some((64 << 10, Some("999800".to_string()))));
     assert!(process.terminate().success());
 }

@@ -165,7 +165,10 @@ async fn run_case(n: usize, users: u32, batches: &[usize]) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let folded = done.elapsed().as_secs_f64();
-        println!("| {case} | freshet-ingest exactly-once, batch ≤ {batch} | {rate:.0} | {:.0}% | {peak:.0} | {folded:.1} s |", 100.0 * rate / raw);
+        println!(
+            "| {case} | freshet-ingest exactly-once, batch ≤ {batch} | {rate:.0} | {:.0}% | {peak:.0} | {folded:.1} s |",
+            100.0 * rate / raw
+        );
         process.kill();
     }
 }
