@@ -94,7 +94,7 @@ struct RunArgs {
     #[arg(long, env = "FRESHET_START", value_enum, default_value = "earliest")]
     start: StartPolicy,
     /// Records per batch (one Postgres transaction).
-    #[arg(long, env = "FRESHET_BATCH_RECORDS", default_value_t = 5000)]
+    #[arg(long, env = "FRESHET_BATCH_RECORDS", default_value_t = 20000)]
     batch_records: usize,
     /// Bytes per batch.
     #[arg(long, env = "FRESHET_BATCH_BYTES", default_value_t = 8 << 20)]
@@ -103,10 +103,10 @@ struct RunArgs {
     #[arg(long, env = "FRESHET_LINGER_MS", default_value_t = 5)]
     linger_ms: u64,
     /// Records held (queued or batched) before partitions are paused.
-    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_RECORDS", default_value_t = 60000)]
+    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_RECORDS", default_value_t = 50_000)]
     max_in_flight_records: usize,
     /// Bytes held before partitions are paused.
-    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_BYTES", default_value_t = 32 << 20)]
+    #[arg(long, env = "FRESHET_MAX_IN_FLIGHT_BYTES", default_value_t = 64 << 20)]
     max_in_flight_bytes: usize,
     /// After SIGTERM, how long (ms) a commit or dead-letter produce in
     /// progress may still run before it is abandoned (left uncommitted, to
@@ -204,6 +204,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             topics,
             max_in_flight_records: args.max_in_flight_records,
             max_in_flight_bytes: args.max_in_flight_bytes,
+            catalog: catalog.clone(),
             metrics: metrics.clone(),
         },
         in_flight.clone(),

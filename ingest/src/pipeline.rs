@@ -47,7 +47,6 @@ use crate::{
         dlq::{DeadLetterQueue, Delivery, Reason},
     },
     source::{Command, Record, SharedInFlight, SourceEvent, Start, StartPolicy, TopicPartition},
-    transform::decode::{self, Poison},
 };
 
 pub struct BatchLimits {
@@ -366,8 +365,8 @@ impl Pipeline {
         let count = records.len();
         let mut pending = Vec::with_capacity(count);
         let mut decoded = Ok(());
-        for record in records {
-            match self.decode(&record).await {
+        for mut record in records {
+            match self.decode(&mut record).await {
                 Ok(item) => pending.push((item, record)),
                 Err(abandoned) => {
                     decoded = Err(abandoned);
@@ -383,31 +382,21 @@ impl Pipeline {
 
     /// Decodes a record for every view of its topic; poison goes to the DLQ
     /// (acknowledged) before the batch that skips it can commit.
-    async fn decode(&self, record: &Record) -> Result<Item, Abandoned> {
-        let mut changes = Vec::new();
-        let mut poison: Option<(Poison, String)> = None;
-        for (index, view) in self.catalog.views.iter().enumerate() {
-            if !view.source.topics.contains(&record.topic) {
-                continue;
-            }
-            match decode::decode(view, record.payload.as_deref(), record.timestamp_ms) {
-                Ok(c) => changes.extend(c.into_iter().map(|(d, e)| (index, d, e))),
-                Err(p) => {
-                    poison = Some((p, view.dlq_topic(&record.topic)));
-                    break;
-                }
-            }
-        }
+    async fn decode(&self, record: &mut Record) -> Result<Item, Abandoned> {
+        let decoded = std::mem::replace(&mut record.decoded, Ok(Vec::new()));
         let mut item = Item {
             topic: record.topic.clone(),
             partition: record.partition,
             offset: record.offset,
             high_watermark: record.high_watermark,
-            changes,
+            changes: Vec::new(),
             dead: None,
         };
-        if let Some((poison, dlq_topic)) = poison {
-            self.dead_letter(&mut item, record, &dlq_topic, "VALUE_CONVERTER", poison.class, &poison.message).await?;
+        match decoded {
+            Ok(changes) => item.changes = changes,
+            Err((poison, dlq_topic)) => {
+                self.dead_letter(&mut item, record, &dlq_topic, "VALUE_CONVERTER", poison.class, &poison.message).await?;
+            }
         }
         Ok(item)
     }

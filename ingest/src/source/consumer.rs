@@ -55,8 +55,11 @@ use rdkafka::{
 };
 use tokio::sync::{mpsc, oneshot};
 
+use freshet_store::view::Catalog;
+
 use super::{Command, Record, SharedInFlight, SourceEvent, Start, TopicPartition};
 use crate::metrics::IngestMetrics;
+use crate::transform::decode::decode_record;
 
 /// Where to start a partition that has no stored offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +75,8 @@ pub struct Settings {
     pub topics: Vec<String>,
     pub max_in_flight_records: usize,
     pub max_in_flight_bytes: usize,
+    /// The views records are decoded for.
+    pub catalog: Arc<Catalog>,
     pub metrics: Arc<IngestMetrics>,
 }
 
@@ -306,18 +311,22 @@ fn poll_loop(
         let tp = (message.topic().to_string(), message.partition());
         let high_watermark = consumer.context().high_watermark(&tp).max(message.offset() + 1);
         consumer.context().delivered().insert(tp, message.offset() + 1);
+        let payload = message.payload();
+        let timestamp_ms = message.timestamp().to_millis();
+        let decoded = decode_record(&settings.catalog, message.topic(), payload, timestamp_ms);
         let record = Record {
             topic: message.topic().to_string(),
             partition: message.partition(),
             offset: message.offset(),
             key: message.key().map(<[u8]>::to_vec),
-            payload: message.payload().map(<[u8]>::to_vec),
-            timestamp_ms: message.timestamp().to_millis(),
+            payload: payload.map(<[u8]>::to_vec),
+            timestamp_ms,
             headers: message
                 .headers()
                 .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.unwrap_or_default().to_vec())).collect())
                 .unwrap_or_default(),
             high_watermark,
+            decoded,
         };
         in_flight.add(&record);
         if events.blocking_send(SourceEvent::Record(record)).is_err() {

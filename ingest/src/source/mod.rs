@@ -20,7 +20,11 @@ pub use consumer::{Settings, StartPolicy, spawn};
 pub use retention::earliest_offsets;
 use tokio::sync::oneshot;
 
-/// A record copied out of librdkafka.
+use crate::transform::decode::Decoded;
+
+/// A record copied out of librdkafka, and decoded there: decoding is the
+/// costliest step per record, and on the poll thread it runs while the
+/// pipeline commits the batch before.
 #[derive(Debug, Clone)]
 pub struct Record {
     pub topic: String,
@@ -32,11 +36,30 @@ pub struct Record {
     pub headers: Vec<(String, Vec<u8>)>,
     /// The partition's high watermark as last seen by the consumer.
     pub high_watermark: i64,
+    /// What it makes of every view of its topic (taken by the pipeline).
+    pub decoded: Decoded,
 }
 
 impl Record {
+    /// What the record holds in memory, roughly, decoded changes included
+    /// (they outweigh the payload): the in-flight bound counts this. Taken
+    /// before the pipeline moves the changes out, and only then.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + 64
+        let decoded: usize = match &self.decoded {
+            Ok(changes) => changes
+                .iter()
+                .map(|(_, _, e)| 128 + e.entity.len() + e.fields.iter().map(|(k, v)| 96 + k.len() + scalar_size(v)).sum::<usize>())
+                .sum(),
+            Err((poison, topic)) => 64 + poison.message.len() + topic.len(),
+        };
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + 160 + decoded
+    }
+}
+
+fn scalar_size(value: &freshet_store::state::Scalar) -> usize {
+    match value {
+        freshet_store::state::Scalar::Str(s) => s.len(),
+        _ => 0,
     }
 }
 

@@ -20,9 +20,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use freshet_store::{
     key,
     state::{Direction, Event, Scalar},
-    view::{DeletePolicy, FeatureView, Format, KeyType, UpdatePolicy, ValueType, duration},
+    view::{Catalog, DeletePolicy, FeatureView, Format, KeyType, UpdatePolicy, ValueType, duration},
 };
 use serde_json::{Map, Value};
+
+use super::apply::Change;
 
 /// Why a record cannot be applied; its class goes into the DLQ headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +53,26 @@ const MAX_TIME_MS: i64 = 253_402_300_799_999;
 
 /// How much of a value a message quotes.
 const QUOTED_BYTES: usize = 80;
+
+/// What one record makes of every view of its topic: the changes, in view
+/// order (the catalog index of each), or why it is poison and which
+/// dead-letter topic it goes to.
+pub type Decoded = Result<Vec<Change>, (Poison, String)>;
+
+/// Decodes a record of `topic` for every view that reads it.
+pub fn decode_record(catalog: &Catalog, topic: &str, value: Option<&[u8]>, record_ms: Option<i64>) -> Decoded {
+    let mut changes = Vec::new();
+    for (index, view) in catalog.views.iter().enumerate() {
+        if !view.source.topics.iter().any(|t| t == topic) {
+            continue;
+        }
+        match decode(view, value, record_ms) {
+            Ok(c) => changes.extend(c.into_iter().map(|(d, e)| (index, d, e))),
+            Err(p) => return Err((p, view.dlq_topic(topic))),
+        }
+    }
+    Ok(changes)
+}
 
 /// The changes one record makes to `view`, in the order to apply them.
 /// Tombstones, truncates and ignored updates or deletes make none.

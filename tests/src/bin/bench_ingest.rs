@@ -102,8 +102,8 @@ async fn deltas(pool: &sqlx::PgPool) -> i64 {
 async fn main() {
     let setting = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
     let cases: Vec<(usize, u32, Vec<usize>)> = match (setting("BENCH_RECORDS"), setting("BENCH_USERS")) {
-        (None, None) => vec![(100_000, 10_000, vec![500, 2000, 5000]), (1_000_000, 100_000, vec![5000])],
-        (n, users) => vec![(n.unwrap_or(100_000), users.unwrap_or(10_000) as u32, vec![500, 2000, 5000])],
+        (None, None) => vec![(100_000, 10_000, vec![2000, 5000, 20000]), (1_000_000, 100_000, vec![20000])],
+        (n, users) => vec![(n.unwrap_or(100_000), users.unwrap_or(10_000) as u32, vec![2000, 5000, 20000])],
     };
     println!("| case | consumer | records/s | vs raw | peak RSS MiB | deltas folded after |");
     println!("|---|---|---|---|---|---|");
