@@ -380,7 +380,9 @@ async fn shutdown_turns_health_not_serving_before_draining_calls() {
     let url = fresh_database().await;
     let metrics_port = free_port();
     let listen = format!("127.0.0.1:{metrics_port}");
-    let (mut process, address) = server(&reference_views(), &url, &["--default-deadline-ms", "30000", "--metrics-listen", &listen]);
+    // The drain lasts at most the default deadline + 1 s: keep it inside
+    // the 30 s `terminate` waits.
+    let (mut process, address) = server(&reference_views(), &url, &["--default-deadline-ms", "10000", "--metrics-listen", &listen]);
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel.clone())
         .watch(HealthCheckRequest { service: "freshet.v1.FeatureService".into() })
@@ -415,5 +417,8 @@ async fn shutdown_turns_health_not_serving_before_draining_calls() {
     let answer = call.await.unwrap().expect("the call in flight is answered");
     assert_eq!(answer.into_inner().results.len(), 1);
     assert!(health.message().await.unwrap().is_none(), "the Watch stream ends, so it does not hold the drain open");
+    // The last handle on the connection: closing it lets the drain end now
+    // rather than at its bound.
+    drop(health);
     assert!(process.terminate().success());
 }
