@@ -65,7 +65,9 @@ impl Compactor {
             // 0: nothing up to the cutoff is left (or free): the pass is done.
             match shutdown.bounded(entities::compact(&self.pool, self.entities_per_fold, cutoff, prune)).await? {
                 Ok(0) => return Ok(()),
-                Ok(folded) => drop(self.metrics.deltas_folded.inc_by(folded as u64)),
+                Ok(folded) => {
+                    self.metrics.deltas_folded.inc_by(folded as u64);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, attempt = backoff.attempts(), "compaction failed; retrying");
                     backoff.wait(shutdown).await?;
