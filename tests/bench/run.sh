@@ -3,7 +3,7 @@
 # same run, and prints Markdown tables. Results: tests/bench/README.md.
 #   tests/bench/run.sh serve       GetFeatures beside an empty tonic RPC; overload; tracing on/off
 #   tests/bench/run.sh ingest      exactly-once ingest beside a raw rdkafka consume loop
-#                                  (BENCH_RECORDS=200000 by default)
+#                                  (BENCH_RECORDS, BENCH_USERS, BENCH_BATCHES: one case of your own)
 #   tests/bench/run.sh freshness   Kafka append -> servable at 5000 events/s
 #   tests/bench/run.sh soak        exactly-once under SIGKILLs, a freeze and a Postgres restart,
 #                                  two instances; exact comparison (SOAK_EVENTS=200000)

@@ -4,7 +4,8 @@
 //! Run through `tests/bench/run.sh ingest` (release build, services started).
 //! Two cases, each on a topic of its own: 100,000 events over 10,000 users,
 //! and 1,000,000 over 100,000 (state larger than any cache); `BENCH_RECORDS`
-//! and `BENCH_USERS` run one case of your own instead. Each case produces
+//! and `BENCH_USERS` run one case of your own instead, `BENCH_BATCHES`
+//! (e.g. `5000,20000`) only those batch sizes. Each case produces
 //! Debezium-shaped `user_events` change events (committed in transactions, as
 //! Debezium with exactly-once writes them), then:
 //! - baseline: a `BaseConsumer` with read_committed that only counts records;
@@ -104,6 +105,14 @@ async fn main() {
     let cases: Vec<(usize, u32, Vec<usize>)> = match (setting("BENCH_RECORDS"), setting("BENCH_USERS")) {
         (None, None) => vec![(100_000, 10_000, vec![2000, 5000, 20000]), (1_000_000, 100_000, vec![20000])],
         (n, users) => vec![(n.unwrap_or(100_000), users.unwrap_or(10_000) as u32, vec![2000, 5000, 20000])],
+    };
+    // BENCH_BATCHES="20000" (comma-separated): only these batch sizes.
+    let cases = match std::env::var("BENCH_BATCHES") {
+        Ok(list) => {
+            let batches: Vec<usize> = list.split(',').filter_map(|b| b.trim().parse().ok()).collect();
+            cases.into_iter().map(|(n, users, _)| (n, users, batches.clone())).collect()
+        }
+        Err(_) => cases,
     };
     println!("| case | consumer | records/s | vs raw | peak RSS MiB | deltas folded after |");
     println!("|---|---|---|---|---|---|");
