@@ -19,6 +19,9 @@ use clap::{Args, Parser, Subcommand};
 
 use freshet_store::{db, owners, view::Catalog};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use crate::{
     metrics::IngestMetrics,
     pipeline::{BatchLimits, Pipeline},
