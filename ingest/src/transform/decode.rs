@@ -14,7 +14,7 @@
 //! partition's lateness reference and push every later event out of windows.
 //! Messages quote at most a short prefix of the input, cut between characters.
 
-use std::collections::BTreeMap;
+use std::{borrow::Cow, collections::BTreeMap};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use freshet_store::{
@@ -22,9 +22,9 @@ use freshet_store::{
     state::{Direction, Event, Scalar},
     view::{Catalog, DeletePolicy, FeatureView, Format, KeyType, UpdatePolicy, ValueType, duration},
 };
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 
-use super::apply::Change;
+use super::{apply::Change, object::Object};
 
 /// Why a record cannot be applied; its class goes into the DLQ headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -83,35 +83,43 @@ pub fn decode(view: &FeatureView, value: Option<&[u8]>, record_ms: Option<i64>) 
     let Some(bytes) = value else {
         return Ok(Vec::new());
     };
-    let json: Value = serde_json::from_slice(bytes).map_err(|e| Poison::new(INVALID_JSON, format!("value is not JSON: {e}")))?;
+    let what = match view.source.format {
+        Format::Json => "value",
+        Format::Debezium => "envelope",
+    };
+    let top = serde_json::from_slice::<Option<Object>>(bytes).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => not_an_object(what),
+        _ => Poison::new(INVALID_JSON, format!("value is not JSON: {e}")),
+    })?;
     let record_ms = record_ms.unwrap_or_else(|| Utc::now().timestamp_millis());
-    match view.source.format {
-        Format::Json => Ok(vec![(Direction::Add, event(view, object(&json, "value")?, record_ms)?)]),
-        Format::Debezium => debezium(view, &json, record_ms),
+    match (view.source.format, top) {
+        (Format::Json, Some(row)) => Ok(vec![(Direction::Add, event(view, &row, record_ms)?)]),
+        (Format::Json, None) => Err(not_an_object(what)),
+        (Format::Debezium, Some(envelope)) => debezium(view, envelope, record_ms),
+        (Format::Debezium, None) => Ok(Vec::new()),
     }
 }
 
-fn debezium(view: &FeatureView, json: &Value, record_ms: i64) -> Result<Vec<(Direction, Event)>, Poison> {
+fn debezium(view: &FeatureView, mut envelope: Object<'_>, record_ms: i64) -> Result<Vec<(Direction, Event)>, Poison> {
     // With `schemas.enable=true` the envelope sits under "payload".
-    let envelope = match json.as_object() {
-        Some(o) if o.contains_key("schema") && o.contains_key("payload") => &o["payload"],
-        _ => json,
-    };
-    if envelope.is_null() {
-        return Ok(Vec::new());
+    if let (Some(_), Some(payload)) = (envelope.get("schema"), envelope.get("payload")) {
+        match object(payload, "envelope")? {
+            Some(payload) => envelope = payload,
+            None => return Ok(Vec::new()),
+        }
     }
-    let envelope = object(envelope, "envelope")?;
-    let op = envelope.get("op").and_then(Value::as_str).ok_or_else(|| Poison::new(INVALID_ENVELOPE, "Debezium envelope has no \"op\""))?;
+    let op = envelope.get("op").and_then(text).ok_or_else(|| Poison::new(INVALID_ENVELOPE, "Debezium envelope has no \"op\""))?;
     let image = |name: &str| -> Result<Event, Poison> {
-        let row = envelope.get(name).filter(|v| !v.is_null()).ok_or_else(|| {
+        let missing = || {
             Poison::new(
                 INVALID_ENVELOPE,
                 format!("op {op:?} needs {name:?}, which is missing (for updates and deletes: REPLICA IDENTITY FULL?)"),
             )
-        })?;
-        event(view, object(row, name)?, record_ms)
+        };
+        let row = envelope.get(name).ok_or_else(missing)?;
+        event(view, &object(row, name)?.ok_or_else(missing)?, record_ms)
     };
-    Ok(match op {
+    Ok(match &*op {
         "c" | "r" => vec![(Direction::Add, image("after")?)],
         "u" => match view.source.on_update {
             UpdatePolicy::Ignore => Vec::new(),
@@ -129,25 +137,47 @@ fn debezium(view: &FeatureView, json: &Value, record_ms: i64) -> Result<Vec<(Dir
     })
 }
 
-fn object<'a>(value: &'a Value, what: &str) -> Result<&'a Map<String, Value>, Poison> {
-    value.as_object().ok_or_else(|| Poison::new(INVALID_ENVELOPE, format!("{what} is not a JSON object")))
+/// `value` as an object (`None` for `null`).
+fn object<'a>(value: &'a RawValue, what: &str) -> Result<Option<Object<'a>>, Poison> {
+    serde_json::from_str::<Option<Object<'a>>>(value.get()).map_err(|_| not_an_object(what))
+}
+
+fn not_an_object(what: &str) -> Poison {
+    Poison::new(INVALID_ENVELOPE, format!("{what} is not a JSON object"))
+}
+
+/// The value as text, if it is a string: borrowed unless it holds escapes.
+fn text(value: &RawValue) -> Option<Cow<'_, str>> {
+    match serde_json::from_str::<&str>(value.get()) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(value.get()).ok().map(Cow::Owned),
+    }
+}
+
+/// The value if it is a JSON integer that fits an i64 (not `1.0`, not `"1"`).
+fn int(value: &RawValue) -> Option<i64> {
+    serde_json::from_str::<i64>(value.get()).ok()
+}
+
+fn is_null(value: &RawValue) -> bool {
+    value.get() == "null"
 }
 
 /// Reads the fields `view` needs from one row image or plain event.
-fn event(view: &FeatureView, row: &Map<String, Value>, record_ms: i64) -> Result<Event, Poison> {
-    let entity = match (row.get(&view.entity), view.entity_type) {
-        (None | Some(Value::Null), _) => {
+fn event(view: &FeatureView, row: &Object<'_>, record_ms: i64) -> Result<Event, Poison> {
+    let entity = match (row.get(&view.entity).filter(|v| !is_null(v)), view.entity_type) {
+        (None, _) => {
             return Err(Poison::new(MISSING_FIELD, format!("entity key field {:?} is missing or null", view.entity)));
         }
-        (Some(v), KeyType::Int64) => v.as_i64().map(|i| i.to_string()).ok_or_else(|| wrong(&view.entity, "an int64 entity key", v))?,
-        (Some(Value::String(s)), KeyType::String) => {
-            key::check_string_key(s).map_err(|m| Poison::new(INVALID_KEY, format!("entity key field {:?}: {m}", view.entity)))?;
-            s.clone()
+        (Some(v), KeyType::Int64) => int(v).map(|i| i.to_string()).ok_or_else(|| wrong(&view.entity, "an int64 entity key", v))?,
+        (Some(v), KeyType::String) => {
+            let s = text(v).ok_or_else(|| wrong(&view.entity, "a string entity key", v))?;
+            key::check_string_key(&s).map_err(|m| Poison::new(INVALID_KEY, format!("entity key field {:?}: {m}", view.entity)))?;
+            s.into_owned()
         }
-        (Some(v), KeyType::String) => return Err(wrong(&view.entity, "a string entity key", v)),
     };
-    let at_ms = match row.get(&view.source.event_time) {
-        None | Some(Value::Null) => {
+    let at_ms = match row.get(&view.source.event_time).filter(|v| !is_null(v)) {
+        None => {
             return Err(Poison::new(MISSING_FIELD, format!("event time field {:?} is missing or null", view.source.event_time)));
         }
         Some(v) => time(v).ok_or_else(|| wrong(&view.source.event_time, TIME, v))?,
@@ -175,17 +205,20 @@ fn event(view: &FeatureView, row: &Map<String, Value>, record_ms: i64) -> Result
     Ok(Event { entity, at_ms, fields })
 }
 
-fn scalar(name: &str, expected: ValueType, v: &Value) -> Result<Scalar, Poison> {
-    let typed = match (expected, v) {
-        (_, Value::Null) => Some(Scalar::Null),
-        (ValueType::Int64, v) => v.as_i64().map(Scalar::Int),
+fn scalar(name: &str, expected: ValueType, v: &RawValue) -> Result<Scalar, Poison> {
+    let typed = match expected {
+        _ if is_null(v) => Some(Scalar::Null),
+        ValueType::Int64 => int(v).map(Scalar::Int),
         // Debezium sends NUMERIC as a string with decimal.handling.mode=string.
-        (ValueType::Double, Value::String(s)) => s.parse::<f64>().ok().filter(|d| d.is_finite()).map(Scalar::Double),
-        (ValueType::Double, v) => v.as_f64().map(Scalar::Double),
-        (ValueType::String, Value::String(s)) => Some(Scalar::Str(s.clone())),
-        (ValueType::Bool, Value::Bool(b)) => Some(Scalar::Bool(*b)),
-        (ValueType::Timestamp, v) => time(v).map(Scalar::Time),
-        _ => None,
+        ValueType::Double => match text(v) {
+            Some(s) => s.parse::<f64>().ok(),
+            None => serde_json::from_str::<f64>(v.get()).ok(),
+        }
+        .filter(|d| d.is_finite())
+        .map(Scalar::Double),
+        ValueType::String => text(v).map(|s| Scalar::Str(s.into_owned())),
+        ValueType::Bool => serde_json::from_str::<bool>(v.get()).ok().map(Scalar::Bool),
+        ValueType::Timestamp => time(v).map(Scalar::Time),
     };
     let expected = match expected {
         ValueType::Int64 => "int64",
@@ -199,11 +232,10 @@ fn scalar(name: &str, expected: ValueType, v: &Value) -> Result<Scalar, Poison> 
 
 const TIME: &str = "an RFC 3339 time or epoch milliseconds, in years 1 to 9999";
 
-fn time(v: &Value) -> Option<i64> {
-    let ms = match v {
-        Value::String(s) => DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp_millis()),
-        Value::Number(n) => n.as_i64(),
-        _ => None,
+fn time(v: &RawValue) -> Option<i64> {
+    let ms = match text(v) {
+        Some(s) => DateTime::parse_from_rfc3339(&s).ok().map(|t| t.timestamp_millis()),
+        None => int(v),
     }?;
     (MIN_TIME_MS..=MAX_TIME_MS).contains(&ms).then_some(ms)
 }
@@ -212,8 +244,8 @@ fn rfc3339(ms: i64) -> String {
     DateTime::from_timestamp_millis(ms).map_or_else(|| format!("{ms} ms"), |t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
 }
 
-fn wrong(field: &str, expected: &str, got: &Value) -> Poison {
-    Poison::new(WRONG_TYPE, format!("field {field:?}: expected {expected}, got {}", prefix(&got.to_string())))
+fn wrong(field: &str, expected: &str, got: &RawValue) -> Poison {
+    Poison::new(WRONG_TYPE, format!("field {field:?}: expected {expected}, got {}", prefix(got.get())))
 }
 
 /// `text` quoted, cut to a short prefix if long.
