@@ -171,7 +171,7 @@ impl Pipeline {
         // Serve the revocation of leaving the group, and drop what is left.
         while let Some(event) = events.recv().await {
             match event {
-                SourceEvent::Record(r) => self.in_flight.release(1, r.size()),
+                SourceEvent::Record(r) => self.in_flight.release(1, r.size),
                 SourceEvent::Revoke { reply, .. } => {
                     let _ = reply.send(());
                 }
@@ -209,13 +209,13 @@ impl Pipeline {
             _ => false,
         };
         if !fresh {
-            self.in_flight.release(1, record.size());
+            self.in_flight.release(1, record.size);
             return;
         }
         if self.batch_is_empty() {
             self.batch_started = Instant::now();
         }
-        self.batch_bytes += record.size();
+        self.batch_bytes += record.size;
         self.batch.push(record);
     }
 

@@ -328,7 +328,9 @@ fn poll_loop(
                 .unwrap_or_default(),
             high_watermark,
             decoded,
-        };
+            size: 0,
+        }
+        .measured();
         in_flight.add(&record);
         if events.blocking_send(SourceEvent::Record(record)).is_err() {
             break;

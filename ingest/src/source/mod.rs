@@ -38,13 +38,20 @@ pub struct Record {
     pub high_watermark: i64,
     /// What it makes of every view of its topic (taken by the pipeline).
     pub decoded: Decoded,
+    /// What it holds in memory, roughly, decoded changes included (they
+    /// outweigh the payload): the in-flight bound counts this. Measured once,
+    /// on the poll thread, before the pipeline moves the changes out.
+    pub size: usize,
 }
 
 impl Record {
-    /// What the record holds in memory, roughly, decoded changes included
-    /// (they outweigh the payload): the in-flight bound counts this. Taken
-    /// before the pipeline moves the changes out, and only then.
-    pub fn size(&self) -> usize {
+    /// Sets [`Record::size`].
+    pub fn measured(mut self) -> Self {
+        self.size = self.measure();
+        self
+    }
+
+    fn measure(&self) -> usize {
         let decoded: usize = match &self.decoded {
             Ok(changes) => changes
                 .iter()
@@ -130,7 +137,7 @@ pub struct InFlight {
 impl InFlight {
     pub fn add(&self, record: &Record) {
         self.records.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(record.size(), Ordering::Relaxed);
+        self.bytes.fetch_add(record.size, Ordering::Relaxed);
     }
 
     pub fn release(&self, records: usize, bytes: usize) {
