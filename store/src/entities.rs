@@ -196,7 +196,7 @@ const MAX_PAYLOAD: usize = 7999;
 
 /// Announces, inside `tx`, the rows it changes. Notifications are delivered
 /// when (and only if) `tx` commits.
-pub async fn notify_changes(tx: &mut PgConnection, keys: &[RowKey]) -> Result<(), sqlx::Error> {
+pub async fn notify_changes<'a>(tx: &mut PgConnection, keys: impl IntoIterator<Item = &'a RowKey>) -> Result<(), sqlx::Error> {
     let payloads = change_payloads(keys);
     sqlx::query("SELECT pg_notify($1, p) FROM UNNEST($2::text[]) AS p").bind(CHANGES_CHANNEL).bind(&payloads).execute(&mut *tx).await?;
     Ok(())
@@ -206,7 +206,7 @@ pub async fn notify_changes(tx: &mut PgConnection, keys: &[RowKey]) -> Result<()
 /// Postgres's limit, measured as written (escapes included: a control
 /// character takes six bytes). A key is at most 1 KiB and a view name 128
 /// bytes (both checked on the way in), so every key fits in a payload alone.
-fn change_payloads(keys: &[RowKey]) -> Vec<String> {
+fn change_payloads<'a>(keys: impl IntoIterator<Item = &'a RowKey>) -> Vec<String> {
     let mut payloads = Vec::new();
     let mut payload = String::from("[");
     for key in keys {
@@ -245,7 +245,7 @@ mod tests {
         assert!(payloads.iter().all(|p| p.len() <= MAX_PAYLOAD), "{:?}", payloads.iter().map(String::len).collect::<Vec<_>>());
         let back: Vec<RowKey> = payloads.iter().flat_map(|p| parse_changes(p)).collect();
         assert_eq!(back, keys);
-        assert!(change_payloads(&[]).is_empty());
+        assert!(change_payloads(&[] as &[RowKey]).is_empty());
     }
 
     #[test]

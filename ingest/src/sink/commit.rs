@@ -53,12 +53,27 @@ pub enum CommitError {
     /// These partitions were claimed by another owner: nothing was committed.
     Fenced(Vec<(String, i32)>),
     Sql(sqlx::Error),
+    /// The write ended without an answer (its task panicked or was
+    /// stopped): whether it landed is not known, so the compare-and-set of
+    /// the next attempt decides.
+    Lost,
 }
 
 impl From<sqlx::Error> for CommitError {
     fn from(e: sqlx::Error) -> Self {
         CommitError::Sql(e)
     }
+}
+
+/// Per partition, its ownership state after a batch, and what the batch did to it.
+pub type Progress = HashMap<(String, i32), (Owned, Advance)>;
+
+/// A batch ready to write: its deltas, worked out in memory from the
+/// partitions' state before it, and what it does to each partition.
+pub struct Prepared {
+    deltas: Vec<(entities::RowKey, EntityState)>,
+    pub progress: Progress,
+    dead: Vec<DeadLetter>,
 }
 
 /// Commits `items` (each partition's items in offset order) and `skips`,
@@ -71,10 +86,17 @@ pub async fn commit(
     owned: &HashMap<(String, i32), Owned>,
     items: &[&Item],
     skips: &Skips,
-) -> Result<HashMap<(String, i32), (Owned, Advance)>, CommitError> {
-    // The batch's deltas, computed before the transaction opens.
+) -> Result<Progress, CommitError> {
+    let prepared = prepare(catalog, owned, items, skips);
+    write(pool, group, &prepared).await?;
+    Ok(prepared.progress)
+}
+
+/// Works out, in memory, what committing `items` and `skips` writes, given
+/// where each partition stands (`owned`).
+pub fn prepare(catalog: &Catalog, owned: &HashMap<(String, i32), Owned>, items: &[&Item], skips: &Skips) -> Prepared {
     let mut deltas: HashMap<entities::RowKey, EntityState> = HashMap::new();
-    let mut progress: HashMap<(String, i32), (Owned, Advance)> = HashMap::new();
+    let mut progress: Progress = HashMap::new();
     let start = |tp: &(String, i32)| {
         let o = owned[tp].clone();
         let advance = Advance {
@@ -105,11 +127,20 @@ pub async fn commit(
         advance.next_offset = advance.next_offset.max(next_offset);
         advance.high_watermark = advance.high_watermark.max(high_watermark);
     }
+    for (owned, advance) in progress.values_mut() {
+        *owned = Owned { epoch: owned.epoch, stored: advance.next_offset, newest_ms: advance.newest_event_ms };
+    }
 
     let mut deltas: Vec<(entities::RowKey, EntityState)> = deltas.into_iter().collect();
     // Sorted, so that index entries go in in order (cheaper, and steady).
     deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let dead = items.iter().filter_map(|i| i.dead.clone()).collect();
+    Prepared { deltas, progress, dead }
+}
 
+/// Writes `prepared` in one transaction; nothing if any partition's
+/// compare-and-set fails.
+pub async fn write(pool: &PgPool, group: &str, prepared: &Prepared) -> Result<(), CommitError> {
     let mut tx = pool.begin().await?;
     // Durability of a batch comes from Kafka, not from this fsync: if
     // Postgres loses the newest commits in a crash, it loses their state
@@ -117,24 +148,19 @@ pub async fn commit(
     // waiting for the flush takes it off the freshness path.
     sqlx::query("SET LOCAL synchronous_commit = off").execute(&mut *tx).await?;
     // Fencing first: a stale owner writes nothing.
-    let advances: Vec<Advance> = progress.values().map(|(_, a)| a.clone()).collect();
+    let advances: Vec<Advance> = prepared.progress.values().map(|(_, a)| a.clone()).collect();
     let fenced = offsets::advance(&mut tx, group, &advances).await?;
     if !fenced.is_empty() {
         tx.rollback().await?;
         return Err(CommitError::Fenced(fenced));
     }
-    if !deltas.is_empty() {
-        entities::append(&mut tx, &deltas).await?;
-        let changed: Vec<entities::RowKey> = deltas.into_iter().map(|(k, _)| k).collect();
-        entities::notify_changes(&mut tx, &changed).await?;
+    if !prepared.deltas.is_empty() {
+        entities::append(&mut tx, &prepared.deltas).await?;
+        entities::notify_changes(&mut tx, prepared.deltas.iter().map(|(k, _)| k)).await?;
     }
-    let dead: Vec<DeadLetter> = items.iter().filter_map(|i| i.dead.clone()).collect();
-    offsets::record_dead_letters(&mut tx, group, &dead).await?;
+    offsets::record_dead_letters(&mut tx, group, &prepared.dead).await?;
     tx.commit().await?;
-    Ok(progress
-        .into_iter()
-        .map(|(tp, (o, a))| (tp, (Owned { epoch: o.epoch, stored: a.next_offset, newest_ms: a.newest_event_ms }, a)))
-        .collect())
+    Ok(())
 }
 
 /// How a failed commit should be handled.
