@@ -20,7 +20,7 @@ use clap::{Args, Parser, Subcommand};
 use freshet_store::{db, owners, view::Catalog};
 
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 use crate::{
     metrics::IngestMetrics,
