@@ -273,22 +273,22 @@ fn poll_loop(
             Err(()) => break,
         }
         let over = in_flight.over(settings.max_in_flight_records, settings.max_in_flight_bytes, paused);
-        if over != paused {
-            if let Ok(assignment) = consumer.assignment() {
-                let result = if over { consumer.pause(&assignment) } else { resume(&consumer, &assignment) };
-                match result {
-                    Ok(()) => {
-                        paused = over;
-                        consumer.context().paused.store(over, Ordering::Relaxed);
-                        let count = if over { assignment.count() } else { 0 };
-                        settings.metrics.paused_partitions.set(count as i64);
-                        if over {
-                            settings.metrics.pauses.inc();
-                        }
-                        tracing::debug!(paused, partitions = assignment.count(), "flow control");
+        if over != paused
+            && let Ok(assignment) = consumer.assignment()
+        {
+            let result = if over { consumer.pause(&assignment) } else { resume(&consumer, &assignment) };
+            match result {
+                Ok(()) => {
+                    paused = over;
+                    consumer.context().paused.store(over, Ordering::Relaxed);
+                    let count = if over { assignment.count() } else { 0 };
+                    settings.metrics.paused_partitions.set(count as i64);
+                    if over {
+                        settings.metrics.pauses.inc();
                     }
-                    Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
+                    tracing::debug!(paused, partitions = assignment.count(), "flow control");
                 }
+                Err(e) => tracing::warn!(error = %e, "pause/resume failed"),
             }
         }
         // Before polling: every record polled so far has been handed over,
