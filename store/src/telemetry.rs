@@ -64,7 +64,7 @@ pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Erro
     EXPORTING.store(endpoint, Ordering::Relaxed);
     // Spans reach the logs only when traced or asked for: otherwise every
     // call would build one (fields formatted, registry slot taken) for no one.
-    let spans_in_logs = endpoint || std::env::var_os("RUST_LOG").is_some();
+    let spans_in_logs = endpoint || std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty());
     let json = std::env::var("FRESHET_LOG_FORMAT").is_ok_and(|f| f == "json");
     let logs = if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() }
         .with_filter(filter.and(filter_fn(move |meta| spans_in_logs || meta.is_event())));
@@ -79,9 +79,15 @@ pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Erro
         None
     };
     let span_filter = std::env::var("FRESHET_TRACE_FILTER").unwrap_or_else(|_| "info".into());
-    let traces =
-        provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)).with_filter(EnvFilter::new(span_filter)));
-    tracing_subscriber::registry().with(logs).with(traces).try_init()?;
+    let subscriber = tracing_subscriber::registry().with(logs);
+    // Not an absent (`None`) layer: it would enable every callsite its
+    // neighbours filter out, and each call would build spans nobody reads.
+    match &provider {
+        Some(p) => subscriber
+            .with(tracing_opentelemetry::layer().with_tracer(p.tracer(service)).with_filter(EnvFilter::new(span_filter)))
+            .try_init()?,
+        None => subscriber.try_init()?,
+    }
     Ok(Telemetry { provider })
 }
 
