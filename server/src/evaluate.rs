@@ -1,5 +1,7 @@
 //! Evaluating a planned request against the states read for it: every
 //! feature as of the moment of answering, `max_age` enforced on the server.
+//! Each (entity, window) is combined once, in one pass over its tiles, and
+//! the features that read it (count, sum, avg…) take their values from it.
 //!
 //! A big request is a lot of work that awaits nothing, and the deadline
 //! layer's timer cannot interrupt work that does not yield. So the loop runs
@@ -7,16 +9,13 @@
 //! call's deadline has passed, and yields so that other calls on the same
 //! worker keep moving.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use freshet_proto::v1::{FeatureStatus, FeatureValue, Value, value::Kind};
-use freshet_store::{
-    entities::RowKey,
-    state::{EntityState, Reading, Scalar},
-};
+use freshet_store::state::{Reading, Scalar, Window};
 use tonic::Status;
 
-use crate::{request::Plan, service::timestamp};
+use crate::{reader::Rows, request::Plan, service::timestamp};
 
 /// Values evaluated between two deadline checks (and yields).
 const CHUNK: usize = 2048;
@@ -25,21 +24,34 @@ const CHUNK: usize = 2048;
 /// whether the call's deadline has passed.
 pub async fn evaluate(
     plan: &Plan<'_>,
-    states: &HashMap<RowKey, EntityState>,
+    states: &Rows,
     now_ms: i64,
     mut expired: impl FnMut() -> bool,
 ) -> Result<Vec<Vec<FeatureValue>>, Status> {
     let max_ages: Vec<Duration> = plan.views.iter().map(|v| plan.max_age.map_or(v.max_age, |m| m.min(v.max_age))).collect();
     let mut rows = Vec::with_capacity(plan.entities.len());
     let mut since_check = 0;
-    for entity in &plan.entities {
-        let found: Vec<Option<&EntityState>> = plan.views.iter().map(|v| states.get(&(v.name.clone(), entity.clone()))).collect();
+    // Each window once per entity, shared by the features that read it.
+    let mut totals = vec![Window::EMPTY; plan.windows.len()];
+    for e in 0..plan.entities.len() {
+        for (total, &(v, series, window_ms)) in totals.iter_mut().zip(&plan.windows) {
+            if let Some(state) = states.get(v, e) {
+                *total = state.window(series, window_ms, now_ms);
+            }
+        }
         rows.push(
             plan.columns
                 .iter()
-                .map(|&(v, feature)| match found[v] {
-                    None => FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None },
-                    Some(state) => feature_value(state.read(feature, now_ms), max_ages[v], now_ms),
+                .zip(&plan.column_windows)
+                .map(|(&(v, feature), window)| {
+                    let Some(state) = states.get(v, e) else {
+                        return FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None };
+                    };
+                    let reading = match window {
+                        Some(w) => state.windowed(feature, &totals[*w]),
+                        None => state.read(feature, now_ms),
+                    };
+                    feature_value(reading, max_ages[v], now_ms)
                 })
                 .collect(),
         );
@@ -87,7 +99,7 @@ fn proto_value(value: Scalar) -> Value {
 mod tests {
     use freshet_proto::v1::{EntityKey, GetFeaturesRequest, entity_key::Key};
     use freshet_store::{
-        state::{Direction, Event},
+        state::{Direction, EntityState, Event},
         view::Catalog,
     };
 
@@ -113,19 +125,43 @@ mod tests {
     }
 
     /// 3,000 entities × 3 features, entity 1 known to the view.
-    fn big_request() -> (Catalog, GetFeaturesRequest, HashMap<RowKey, EntityState>) {
+    fn big_request() -> (Catalog, GetFeaturesRequest, Rows) {
         let c = catalog();
         let view = c.view("orders").unwrap();
         let mut state = EntityState::default();
         let fields = [("amount".to_string(), Scalar::Double(2.5))].into_iter().collect();
         state.apply(view, &Event { entity: "1".into(), at_ms: 1_000_000, fields }, Direction::Add, true);
-        let states = [(("orders".to_string(), "1".to_string()), state)].into_iter().collect();
+        let mut states = vec![None; 3000];
+        states[1] = Some(std::sync::Arc::new(state));
+        let states = Rows::new(states, 3000);
         let request = GetFeaturesRequest {
             features: vec!["orders:spend_1h".into(), "orders:orders_1h".into(), "orders:last_express".into()],
             entities: (0..3000).map(|k| EntityKey { key: Some(Key::Int64Key(k)) }).collect(),
             max_age: None,
         };
         (c, request, states)
+    }
+
+    /// Features of one window share its one combination, and read what
+    /// each would read alone.
+    #[tokio::test]
+    async fn features_of_one_window_share_it_and_read_as_alone() {
+        let (c, mut request, states) = big_request();
+        let features =
+            ["orders:spend_1h", "orders:orders_1h", "orders:max_order_1h", "orders:avg_order_1h", "orders:items_1h", "orders:last_express"];
+        request.features = features.iter().map(|f| f.to_string()).collect();
+        let plan = plan(&c, &request, LIMITS).unwrap();
+        // amount over 1 h (sum, max, avg), all events over 1 h, items over 1 h.
+        assert_eq!(plan.windows.len(), 3);
+        assert_eq!(plan.column_windows[0], plan.column_windows[2]);
+        assert_eq!(plan.column_windows[5], None, "last values have no window");
+        let now = 1_000_500;
+        let rows = evaluate(&plan, &states, now, || false).await.unwrap();
+        let state = states.get(0, 1).unwrap();
+        for (column, &(_, feature)) in plan.columns.iter().enumerate() {
+            let alone = feature_value(state.read(feature, now), Duration::from_secs(86_400), now);
+            assert_eq!(rows[1][column], alone, "{}", feature.name);
+        }
     }
 
     const LIMITS: Limits = Limits { max_features: 10, max_entities: 10_000, max_values: 100_000 };

@@ -308,13 +308,16 @@ async fn a_big_request_within_the_limits_keeps_its_deadline() {
     // One view of 100 features over one day, 1,000 entities with 50 events
     // across it: the largest answer the default limits allow (100,000
     // values), where evaluating (each feature sums its day of tiles) costs
-    // more than reading.
+    // more than reading. Each feature's window is a millisecond shorter than
+    // the last, so that none shares another's combination (features of one
+    // window are combined once) while all read the same two series of tiles.
     let mut text = String::from(
         "[[view]]\nname = \"wide\"\nentity = \"user\"\nentity_type = \"int64\"\nmax_age = \"1d\"\nfreshness_budget = \"5s\"\n\
          [view.source]\ntopics = [\"wide\"]\nformat = \"json\"\nevent_time = \"at\"\n",
     );
     for i in 0..100 {
-        text += &format!("[[view.feature]]\nname = \"n{i}\"\naggregation = \"count\"\nwindow = \"1d\"\n");
+        let window_ms = 86_399_999 - i;
+        text += &format!("[[view.feature]]\nname = \"n{i}\"\naggregation = \"count\"\nwindow = \"{window_ms}ms\"\n");
     }
     let (_dir, path) = views_file(&text);
     let url = fresh_database().await;
@@ -348,7 +351,9 @@ async fn a_big_request_within_the_limits_keeps_its_deadline() {
     // them, here and now (its own measure: the client's decoding is not in it).
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let (_roomy, address) = server(&path, &url, &["--default-deadline-ms", "60000", "--metrics-listen", &listen]);
+    // Both servers read the store (no hot tier), so that what sets the two
+    // apart is the evaluation.
+    let (_roomy, address) = server(&path, &url, &["--default-deadline-ms", "60000", "--metrics-listen", &listen, "--hot-cache-bytes", "0"]);
     let mut client = connect(address).await;
     let answer = client.get_features(request()).await.unwrap().into_inner();
     assert_eq!(answer.results.len(), 1000);
@@ -368,7 +373,7 @@ async fn a_big_request_within_the_limits_keeps_its_deadline() {
     // A deadline that passes halfway through the evaluation: the call must
     // end DEADLINE_EXCEEDED, not answer late.
     let deadline = (read + (whole - read) / 2).as_millis().max(1).to_string();
-    let (_tight, address) = server(&path, &url, &["--default-deadline-ms", &deadline]);
+    let (_tight, address) = server(&path, &url, &["--default-deadline-ms", &deadline, "--hot-cache-bytes", "0"]);
     let mut client = connect(address).await;
     let status = client.get_features(request()).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?} (reading took {read:?}, answering {whole:?}, deadline {deadline} ms)");
