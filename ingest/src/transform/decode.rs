@@ -88,10 +88,14 @@ pub fn decode(view: &FeatureView, value: Option<&[u8]>, record_ms: Option<i64>) 
     match view.source.format {
         Format::Json => Ok(vec![(Direction::Add, event(view, object(&json, "value")?, record_ms)?)]),
         Format::Debezium => debezium(view, &json, record_ms),
+        // Postgres rows come from `source::postgres`, never from a record.
+        Format::Postgres => Err(Poison::new(INVALID_ENVELOPE, "a postgres-sourced view reads no Kafka records")),
     }
 }
 
-fn debezium(view: &FeatureView, json: &Value, record_ms: i64) -> Result<Vec<(Direction, Event)>, Poison> {
+/// The changes a Debezium envelope makes to `view`, by its policies: also
+/// how `source::postgres` applies a row change, as an envelope.
+pub(crate) fn debezium(view: &FeatureView, json: &Value, record_ms: i64) -> Result<Vec<(Direction, Event)>, Poison> {
     // With `schemas.enable=true` the envelope sits under "payload".
     let envelope = match json.as_object() {
         Some(o) if o.contains_key("schema") && o.contains_key("payload") => &o["payload"],
