@@ -254,8 +254,40 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ran = match brokers {
         Some(brokers) if !topics.is_empty() => {
             tracing::info!(?topics, group = args.store.group, owner, "starting ingest");
-            consume_kafka(args, &brokers, topics, catalog, pool, owner, metrics, &shutdown).await
+            let dlq = DeadLetterQueue::new(&brokers, &args.store.group, &owner)?;
+            let in_flight = Arc::new(InFlight::default());
+            let (events, commands, poll_thread) = source::spawn(
+                Settings {
+                    brokers,
+                    group: args.store.group.clone(),
+                    instance_id: args.instance_id.clone(),
+                    topics,
+                    max_in_flight_records: args.max_in_flight_records,
+                    max_in_flight_bytes: args.max_in_flight_bytes,
+                    catalog: catalog.clone(),
+                    metrics: metrics.clone(),
+                },
+                in_flight.clone(),
+            )?;
+            let pipeline = Pipeline::new(
+                catalog,
+                pool,
+                args.store.group,
+                owner,
+                args.start,
+                dlq,
+                in_flight,
+                commands,
+                BatchLimits { max_records: args.batch_records, max_bytes: args.batch_bytes, linger: Duration::from_millis(args.linger_ms) },
+                metrics,
+                shutdown.clone(),
+            );
+            let ran = pipeline.run(events).await;
+            shutdown.request();
+            tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();
+            ran.map_err(anyhow::Error::from)
         }
+        // Postgres sources only: they run until shutdown.
         _ => Ok(()),
     };
     let direct = direct.await?;
@@ -263,52 +295,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     compactor.await?;
     tracing::info!("stopped");
     ran.and(direct)
-}
-
-/// The Kafka pipeline, until shutdown or failure.
-#[allow(clippy::too_many_arguments)]
-async fn consume_kafka(
-    args: RunArgs,
-    brokers: &str,
-    topics: Vec<String>,
-    catalog: Arc<Catalog>,
-    pool: sqlx::PgPool,
-    owner: String,
-    metrics: Arc<IngestMetrics>,
-    shutdown: &Shutdown,
-) -> anyhow::Result<()> {
-    let dlq = DeadLetterQueue::new(brokers, &args.store.group, &owner)?;
-    let in_flight = Arc::new(InFlight::default());
-    let (events, commands, poll_thread) = source::spawn(
-        Settings {
-            brokers: brokers.to_string(),
-            group: args.store.group.clone(),
-            instance_id: args.instance_id.clone(),
-            topics,
-            max_in_flight_records: args.max_in_flight_records,
-            max_in_flight_bytes: args.max_in_flight_bytes,
-            catalog: catalog.clone(),
-            metrics: metrics.clone(),
-        },
-        in_flight.clone(),
-    )?;
-    let pipeline = Pipeline::new(
-        catalog,
-        pool,
-        args.store.group,
-        owner,
-        args.start,
-        dlq,
-        in_flight,
-        commands,
-        BatchLimits { max_records: args.batch_records, max_bytes: args.batch_bytes, linger: Duration::from_millis(args.linger_ms) },
-        metrics,
-        shutdown.clone(),
-    );
-    let ran = pipeline.run(events).await;
-    shutdown.request();
-    tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();
-    Ok(ran?)
 }
 
 async fn signalled() {

@@ -263,6 +263,9 @@ impl SlotStream {
             }
         }
         tracing::info!(slot = self.slot, rows = number, consistent_point = %created.consistent_point, "initial snapshot read");
+        // A table is read in storage order: applied in event-time order, no
+        // snapshot row is judged late against a newer one read before it.
+        txn.changes.sort_by_key(|(_, _, event)| event.at_ms);
         let items = txn_items(&self.topic(), txn, point - 1);
         self.commit(&items, owned, shutdown).await
     }
