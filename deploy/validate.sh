@@ -473,6 +473,8 @@ EXPORTED = {
     "freshet_ingest_pauses_total": ("counter", set()),
     "freshet_ingest_paused_partitions": ("gauge", set()),
     "freshet_ingest_deltas_folded_total": ("counter", set()),
+    "freshet_ingest_slot_retained_wal_bytes": ("gauge", {"slot"}),
+    "freshet_ingest_slot_confirmed_lag_bytes": ("gauge", {"slot"}),
     "freshet_server_calls_total": ("counter", {"method", "code"}),
     "freshet_server_call_duration_seconds": ("histogram", {"method"}),
     "freshet_server_in_flight_calls": ("gauge", set()),

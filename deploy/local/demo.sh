@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's first command: the reference pipeline end to end on this machine.
-#   deploy/local/demo.sh [--keep]
+#   deploy/local/demo.sh [--keep] [--direct]
 #
 # An application writes rows to Postgres (database "app"); Debezium on Kafka
 # Connect publishes each change to Kafka in transactions; freshet-ingest
@@ -8,14 +8,26 @@
 # The load is steady with a 10x spike; the terminal shows progress, lag and
 # freshness while it flows, then measures Postgres commit -> servable, and
 # asks for features with the Rust client and with grpcurl. --keep leaves
-# everything running.
+# everything running. --direct runs the same load without Debezium, Kafka
+# Connect or Kafka: freshet-ingest streams the app's tables from a logical
+# replication slot (deploy/views/direct.toml).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 SERVICES=$HERE/services.sh
 export FRESHET_CACHE=${FRESHET_CACHE:-${HOME:?}/.cache/freshet}
-KEEP=${1:-}
+KEEP= DIRECT=
+for arg in "$@"; do
+  case $arg in
+    --keep) KEEP=--keep ;;
+    --direct) DIRECT=--direct ;;
+    *) echo "usage: $0 [--keep] [--direct]" >&2; exit 2 ;;
+  esac
+done
+# What ingest_offsets counts as applied: Kafka records, or source transactions.
+APPLIED=records
+[[ $DIRECT ]] && APPLIED=transactions
 DIR=$ROOT/.freshet/demo
 BIN=$ROOT/target/release
 say() { printf '\033[1m== %s\033[0m\n' "$*"; }
@@ -38,18 +50,31 @@ say "building Freshet (release)"
 (cd "$ROOT" && cargo build --release --bins --example client -q)
 export PATH=$FRESHET_CACHE/bin:$PATH
 
-say "starting Postgres, Redis, Kafka and Kafka Connect under $DIR"
 "$SERVICES" stop "$DIR" >/dev/null 2>&1 || true
 rm -rf "$DIR"; mkdir -p "$DIR"
-"$SERVICES" start "$DIR" >/dev/null
+if [[ $DIRECT ]]; then
+  say "starting Postgres and Redis under $DIR (no Kafka: --direct)"
+  "$SERVICES" start --only postgres,redis "$DIR" >/dev/null
+else
+  say "starting Postgres, Redis, Kafka and Kafka Connect under $DIR"
+  "$SERVICES" start "$DIR" >/dev/null
+fi
 # shellcheck source=/dev/null
 source "$DIR/env"
-export FRESHET_VIEWS=$ROOT/deploy/views/reference.toml
 APP_URL=${FRESHET_DATABASE_URL%/*}/app
 
-say "migrating Freshet's store; creating the app's tables and the Debezium connector"
-"$BIN/freshet-server" migrate
-"$SERVICES" connector "$DIR"
+if [[ $DIRECT ]]; then
+  say "migrating Freshet's store; creating the app's tables and a publication (freshet-ingest makes the slot)"
+  export FRESHET_VIEWS=$ROOT/deploy/views/direct.toml FRESHET_SOURCE_DATABASE_URL=$APP_URL
+  "$BIN/freshet-server" migrate
+  psql -q "$FRESHET_DATABASE_URL" -c "CREATE DATABASE app"
+  psql -q "$APP_URL" -f "$HERE/source-schema.sql" -c "CREATE PUBLICATION freshet FOR TABLE public.user_events, public.orders"
+else
+  export FRESHET_VIEWS=$ROOT/deploy/views/reference.toml
+  say "migrating Freshet's store; creating the app's tables and the Debezium connector"
+  "$BIN/freshet-server" migrate
+  "$SERVICES" connector "$DIR"
+fi
 
 say "starting freshet-ingest and freshet-server"
 RUST_LOG=warn "$BIN/freshet-ingest" run --metrics-listen 127.0.0.1:0 >"$DIR/ingest.log" 2>&1 & echo $! >"$DIR/ingest.pid"
@@ -82,7 +107,7 @@ show() {
   inserted=$(psql -qtA "$APP_URL" -c "SELECT (SELECT count(*) FROM user_events) + (SELECT count(*) FROM orders)")
   applied=$(psql -qtA "$FRESHET_DATABASE_URL" -c "SELECT coalesce(sum(records_applied), 0) FROM ingest_offsets")
   dead=$(psql -qtA "$FRESHET_DATABASE_URL" -c "SELECT coalesce(sum(records_dead), 0) FROM ingest_offsets")
-  say "$(date +%T) rows inserted: $inserted   records applied: $applied   dead-lettered: $dead"
+  say "$(date +%T) rows inserted: $inserted   $APPLIED applied: $applied   dead-lettered: $dead"
   grpcurl -plaintext -d '{}' "$ADDR" freshet.v1.FeatureService/GetFreshness | python3 "$HERE/show_freshness.py"
   curl -s "$INGEST_METRICS" | awk '
     /^freshet_ingest_paused_partitions /{p=$2} /^freshet_ingest_pauses_total /{t=$2}
@@ -103,7 +128,7 @@ say "after the load"
 show
 
 say "measuring Postgres commit -> servable (100 marker rows/s for 10 s, polled through GetFeatures)"
-"$BIN/bench_freshness" debezium "$ADDR" "$APP_URL" 10
+"$BIN/bench_freshness" "$([[ $DIRECT ]] && echo direct || echo debezium)" "$ADDR" "$APP_URL" 10
 
 say "features of users 1, 2 and 3 with the Rust client (client-examples/rust)"
 "$ROOT/target/release/examples/client" --address "$ADDR" --users 1,2,3

@@ -1,9 +1,11 @@
-//! `freshet-ingest`: Kafka in, features out, exactly once.
+//! `freshet-ingest`: Kafka (or a Postgres slot) in, features out, exactly once.
 //!
 //! A record enters in `source/` (the rdkafka poll thread and the rebalance
 //! protocol), becomes events and features in `transform/`, and is committed
 //! with its offsets in one Postgres transaction by `sink/`; `pipeline.rs`
-//! drives batches between them.
+//! drives batches between them. Views with `format = "postgres"` are read
+//! from a replication slot by `source/postgres/` instead, through the same
+//! transform and sink, and need no Kafka at all.
 
 mod backoff;
 mod metrics;
@@ -67,6 +69,18 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Drop a replication slot Freshet created for `format = "postgres"`
+    /// views, once no view of the file reads it, and forget its checkpoint.
+    /// Refuses a slot Freshet did not create.
+    DropSlot {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[arg(long)]
+        slot: String,
+        /// Environment variable holding the source database URL.
+        #[arg(long, default_value = "FRESHET_SOURCE_DATABASE_URL")]
+        url_env: String,
+    },
 }
 
 /// Which store, which views, which consumer group: what every command
@@ -86,8 +100,10 @@ struct StoreArgs {
 struct RunArgs {
     #[command(flatten)]
     store: StoreArgs,
+    /// Needed when a view reads Kafka; a file of `format = "postgres"`
+    /// views runs without.
     #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
-    brokers: String,
+    brokers: Option<String>,
     /// Static group membership (Kafka `group.instance.id`): a restarted
     /// instance with the same id takes its partitions back at once, without
     /// waiting for the session timeout. Give each replica its own.
@@ -123,6 +139,10 @@ struct RunArgs {
     /// gather meanwhile, so one fold covers many commits.
     #[arg(long, env = "FRESHET_COMPACT_INTERVAL_MS", default_value_t = 5000)]
     compact_interval_ms: u64,
+    /// Postgres sources: retained WAL (bytes) a slot may keep on the source
+    /// before ingest warns that it is falling behind.
+    #[arg(long, env = "FRESHET_MAX_RETAINED_WAL_BYTES", default_value_t = 1 << 30)]
+    max_retained_wal_bytes: i64,
     /// Where to serve Prometheus metrics (`GET /metrics`); off if unset.
     #[arg(long, env = "FRESHET_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
@@ -136,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Run(args) => run(args).await,
         Command::TakeOver { store } => take_over(&store).await,
         Command::Rebuild { store, brokers, view } => rebuild(&store, &brokers, &view).await,
+        Command::DropSlot { store, slot, url_env } => drop_slot(&store, &slot, &url_env).await,
     }
 }
 
@@ -154,6 +175,18 @@ async fn rebuild(store: &StoreArgs, brokers: &str, view: &str) -> anyhow::Result
     freshet_store::rebuild::rebuild(&pool, group, &names, &restarts).await?;
     println!("rebuilding views {names:?} of group {group} from the earliest offsets of {topics:?}");
     println!("start (or restart) freshet-ingest with this view file: it recomputes them from Kafka");
+    Ok(())
+}
+
+async fn drop_slot(store: &StoreArgs, slot: &str, url_env: &str) -> anyhow::Result<()> {
+    let catalog = Catalog::load(&store.views)?;
+    if let Some(view) = catalog.views.iter().find(|v| v.source.postgres.as_ref().is_some_and(|p| p.slot == slot)) {
+        anyhow::bail!("view {} of {} still reads slot {slot}: remove it from the file first", view.name, store.views.display());
+    }
+    let pool = db::connect(&store.database_url, 1).await?;
+    db::ensure_migrated(&pool).await?;
+    source::postgres::drop_slot(&pool, &source::postgres::SourceDb::from_env(url_env)?, slot).await?;
+    println!("slot {slot} dropped, and its checkpoint forgotten");
     Ok(())
 }
 
@@ -184,34 +217,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
     let catalog = Arc::new(Catalog::load(&args.store.views)?);
+    let topics = catalog.kafka_topics();
+    let brokers = match (&args.brokers, topics.is_empty()) {
+        (Some(brokers), _) => Some(brokers.clone()),
+        (None, true) => None,
+        (None, false) => anyhow::bail!("views read Kafka topics {topics:?}: set --brokers (FRESHET_KAFKA_BROKERS)"),
+    };
     let pool = db::connect(&args.store.database_url, 4).await?;
     db::ensure_migrated(&pool).await?;
     let views: Vec<&str> = catalog.views.iter().map(|v| v.name.as_str()).collect();
     owners::adopt(&pool, &args.store.group, &views).await?;
     let owner = format!("{}-{}", hostname(), std::process::id());
-    let dlq = DeadLetterQueue::new(&args.brokers, &args.store.group, &owner)?;
-    let in_flight = Arc::new(InFlight::default());
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(IngestMetrics::new(&mut registry));
     if let Some(address) = args.metrics_listen {
         let bound = freshet_store::metrics::serve(Arc::new(registry), address).await?;
         println!("freshet-ingest metrics on http://{bound}/metrics");
     }
-    let topics = catalog.topics();
-    tracing::info!(?topics, group = args.store.group, owner, "starting ingest");
-    let (events, commands, poll_thread) = source::spawn(
-        Settings {
-            brokers: args.brokers.clone(),
-            group: args.store.group.clone(),
-            instance_id: args.instance_id.clone(),
-            topics,
-            max_in_flight_records: args.max_in_flight_records,
-            max_in_flight_bytes: args.max_in_flight_bytes,
-            catalog: catalog.clone(),
-            metrics: metrics.clone(),
-        },
-        in_flight.clone(),
-    )?;
     let compactor = tokio::spawn(
         Compactor {
             pool: pool.clone(),
@@ -222,25 +244,60 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         .run(shutdown.clone()),
     );
-    let pipeline = Pipeline::new(
-        catalog,
-        pool,
-        args.store.group,
-        owner,
-        args.start,
-        dlq,
-        in_flight,
-        commands,
-        BatchLimits { max_records: args.batch_records, max_bytes: args.batch_bytes, linger: Duration::from_millis(args.linger_ms) },
-        metrics,
-        shutdown.clone(),
-    );
-    let ran = pipeline.run(events).await;
+    let direct = source::postgres::streams(source::postgres::Shared {
+        catalog: catalog.clone(),
+        pool: pool.clone(),
+        group: args.store.group.clone(),
+        owner: owner.clone(),
+        metrics: metrics.clone(),
+        max_batch_changes: args.batch_records,
+        max_retained_wal_bytes: args.max_retained_wal_bytes,
+    })?;
+    let direct = tokio::spawn(source::postgres::run(direct, shutdown.clone()));
+    let ran = match brokers {
+        Some(brokers) if !topics.is_empty() => {
+            tracing::info!(?topics, group = args.store.group, owner, "starting ingest");
+            let dlq = DeadLetterQueue::new(&brokers, &args.store.group, &owner)?;
+            let in_flight = Arc::new(InFlight::default());
+            let (events, commands, poll_thread) = source::spawn(
+                Settings {
+                    brokers,
+                    group: args.store.group.clone(),
+                    instance_id: args.instance_id.clone(),
+                    topics,
+                    max_in_flight_records: args.max_in_flight_records,
+                    max_in_flight_bytes: args.max_in_flight_bytes,
+                    catalog: catalog.clone(),
+                    metrics: metrics.clone(),
+                },
+                in_flight.clone(),
+            )?;
+            let pipeline = Pipeline::new(
+                catalog,
+                pool,
+                args.store.group,
+                owner,
+                args.start,
+                dlq,
+                in_flight,
+                commands,
+                BatchLimits { max_records: args.batch_records, max_bytes: args.batch_bytes, linger: Duration::from_millis(args.linger_ms) },
+                metrics,
+                shutdown.clone(),
+            );
+            let ran = pipeline.run(events).await;
+            shutdown.request();
+            tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();
+            ran.map_err(anyhow::Error::from)
+        }
+        // Postgres sources only: they run until shutdown.
+        _ => Ok(()),
+    };
+    let direct = direct.await?;
     shutdown.request();
     compactor.await?;
-    tokio::task::spawn_blocking(move || poll_thread.join()).await?.ok();
     tracing::info!("stopped");
-    Ok(ran?)
+    ran.and(direct)
 }
 
 async fn signalled() {

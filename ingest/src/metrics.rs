@@ -5,7 +5,8 @@
 //! offset, the consumer lag, and the newest event and last commit as
 //! timestamps (`time() - x` is an age that keeps growing when ingest stops).
 //! Per batch: commit latency and size. Flow control: retries, pauses and
-//! paused partitions. Compaction: deltas folded. Names, types and labels are what `deploy/validate.sh`,
+//! paused partitions. Compaction: deltas folded. Postgres sources, per
+//! slot: WAL the slot retains on the source, and WAL not yet confirmed. Names, types and labels are what `deploy/validate.sh`,
 //! the dashboard and the alert rules use (the test below holds them to it).
 //!
 //! Partition series appear with the partition's first commit; the others
@@ -32,6 +33,11 @@ struct PartitionLabels {
     partition: i32,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SlotLabels {
+    slot: String,
+}
+
 /// A gauge holding seconds since the epoch.
 type Timestamp = Gauge<f64, AtomicU64>;
 
@@ -49,6 +55,8 @@ pub struct IngestMetrics {
     pub pauses: Counter,
     pub paused_partitions: Gauge,
     pub deltas_folded: Counter,
+    slot_retained_wal: Family<SlotLabels, Gauge>,
+    slot_confirmed_lag: Family<SlotLabels, Gauge>,
 }
 
 impl IngestMetrics {
@@ -67,6 +75,8 @@ impl IngestMetrics {
             pauses: Counter::default(),
             paused_partitions: Gauge::default(),
             deltas_folded: Counter::default(),
+            slot_retained_wal: Family::default(),
+            slot_confirmed_lag: Family::default(),
         };
         // Counters are named without `_total`: the encoder adds it.
         let r = registry;
@@ -83,6 +93,16 @@ impl IngestMetrics {
         r.register("freshet_ingest_pauses", "Times consumption was paused for flow control", m.pauses.clone());
         r.register("freshet_ingest_paused_partitions", "Partitions paused by flow control", m.paused_partitions.clone());
         r.register("freshet_ingest_deltas_folded", "Deltas folded into base rows by compaction", m.deltas_folded.clone());
+        r.register(
+            "freshet_ingest_slot_retained_wal_bytes",
+            "WAL a Postgres source's slot keeps on the source, from its restart point",
+            m.slot_retained_wal.clone(),
+        );
+        r.register(
+            "freshet_ingest_slot_confirmed_lag_bytes",
+            "Source WAL past what the slot's consumer confirmed (committed in Freshet)",
+            m.slot_confirmed_lag.clone(),
+        );
         m
     }
 
@@ -105,6 +125,15 @@ impl IngestMetrics {
             }
             self.last_commit.get_or_create(&labels).set(now);
         }
+    }
+}
+
+impl IngestMetrics {
+    /// A Postgres source's slot, as last measured on the source.
+    pub fn slot_wal(&self, slot: &str, retained_bytes: i64, confirmed_lag_bytes: i64) {
+        let labels = SlotLabels { slot: slot.to_string() };
+        self.slot_retained_wal.get_or_create(&labels).set(retained_bytes);
+        self.slot_confirmed_lag.get_or_create(&labels).set(confirmed_lag_bytes);
     }
 }
 
@@ -139,6 +168,7 @@ mod tests {
         let metrics = IngestMetrics::new(&mut registry);
         // Partition series appear with a partition's first commit.
         metrics.committed(Duration::from_millis(3), 5, [&advance("t", 0)]);
+        metrics.slot_wal("s", 1 << 20, 4096);
         let rendered = exported::rendered(&render(&registry));
         assert_eq!(rendered, exported::expected(include_str!("../../deploy/validate.sh"), &["freshet_ingest_"]));
     }

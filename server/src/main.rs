@@ -201,7 +201,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let watermarks = watermarks::Watermarks::default();
     if let Some(brokers) = &args.kafka_brokers {
-        watermarks.follow(brokers, catalog.topics())?;
+        watermarks.follow(brokers, catalog.kafka_topics())?;
     }
     let source = match &args.source_database_url {
         Some(url) => {

@@ -7,7 +7,8 @@
 //! - [`db`], [`entities`], [`offsets`], [`owners`]: the Postgres store:
 //!   schema, per-entity feature state, per-partition progress with fencing,
 //!   and which consumer group computes each view; [`rebuild`]: recomputing
-//!   views from Kafka after their file changed.
+//!   views from Kafka after their file changed; [`slots`]: the replication
+//!   slots Freshet created for Postgres-sourced views.
 //! - [`metrics`], [`telemetry`]: the Prometheus endpoint, logs and traces of
 //!   both binaries.
 
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod owners;
 pub mod rebuild;
+pub mod slots;
 pub mod state;
 pub mod telemetry;
 pub mod view;

@@ -1,4 +1,5 @@
-//! Where a record enters: the Kafka source.
+//! Where a record enters: the Kafka source (and, in `postgres/`, the
+//! direct Postgres source).
 //!
 //! The rdkafka poll loop runs on a thread of its own (`consumer.rs`) and
 //! talks to the async pipeline only through two typed channels: it sends
@@ -9,6 +10,7 @@
 //! resumes when that clears.
 
 mod consumer;
+pub mod postgres;
 mod retention;
 
 use std::sync::{

@@ -85,7 +85,7 @@ pub fn decode(view: &FeatureView, value: Option<&[u8]>, record_ms: Option<i64>) 
     };
     let what = match view.source.format {
         Format::Json => "value",
-        Format::Debezium => "envelope",
+        Format::Debezium | Format::Postgres => "envelope",
     };
     let top = serde_json::from_slice::<Option<Object>>(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => not_an_object(what),
@@ -95,8 +95,10 @@ pub fn decode(view: &FeatureView, value: Option<&[u8]>, record_ms: Option<i64>) 
     match (view.source.format, top) {
         (Format::Json, Some(row)) => Ok(vec![(Direction::Add, event(view, &row, record_ms)?)]),
         (Format::Json, None) => Err(not_an_object(what)),
-        (Format::Debezium, Some(envelope)) => debezium(view, envelope, record_ms),
-        (Format::Debezium, None) => Ok(Vec::new()),
+        // A Postgres row change arrives as the envelope Debezium would have
+        // sent for it (`source::postgres::rows`).
+        (Format::Debezium | Format::Postgres, Some(envelope)) => debezium(view, envelope, record_ms),
+        (Format::Debezium | Format::Postgres, None) => Ok(Vec::new()),
     }
 }
 

@@ -21,7 +21,9 @@ use std::{
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use super::{Aggregation, Catalog, DeletePolicy, Feature, FeatureView, Format, KeyType, Source, UpdatePolicy, ValueType, duration};
+use super::{
+    Aggregation, Catalog, DeletePolicy, Feature, FeatureView, Format, KeyType, PostgresSource, Source, UpdatePolicy, ValueType, duration,
+};
 use crate::state;
 
 /// The most features one view may declare. Applying an event is linear in
@@ -86,8 +88,18 @@ enum RawKeyType {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSource {
-    topics: Spanned<Vec<String>>,
+    #[serde(default)]
+    topics: Option<Spanned<Vec<String>>>,
     format: RawFormat,
+    /// Postgres sources: `schema.table` (or `table`, in `public`).
+    #[serde(default)]
+    table: Option<Spanned<String>>,
+    #[serde(default)]
+    slot: Option<String>,
+    #[serde(default)]
+    publication: Option<String>,
+    #[serde(default)]
+    url_env: Option<String>,
     event_time: String,
     #[serde(default)]
     on_update: Option<RawUpdate>,
@@ -102,6 +114,7 @@ struct RawSource {
 enum RawFormat {
     Debezium,
     Json,
+    Postgres,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -189,7 +202,8 @@ impl Catalog {
             return Err(error(None, "no [[view]] is declared".into()));
         }
         // Every topic any view reads: none may receive dead letters.
-        let sources: HashSet<String> = raw.view.iter().flat_map(|v| v.get_ref().source.topics.get_ref().iter().cloned()).collect();
+        let sources: HashSet<String> =
+            raw.view.iter().flat_map(|v| v.get_ref().source.topics.iter().flat_map(|t| t.get_ref().iter().cloned())).collect();
         let mut names = HashSet::new();
         let mut views = Vec::new();
         for raw_view in raw.view {
@@ -200,6 +214,7 @@ impl Catalog {
             if !names.insert(view.name.clone()) {
                 return Err(error(Some(view_span), format!("view {:?} is declared twice", view.name)));
             }
+            check_shared_slot(&views, &view).map_err(|m| error(Some(view_span.clone()), m))?;
             views.push(view);
         }
         Ok(Catalog { views })
@@ -213,16 +228,25 @@ fn convert_view(raw: RawView, sources: &HashSet<String>) -> Result<FeatureView, 
     let name = raw.name.into_inner();
     check_name(&name).map_err(|m| (Some(name_span.clone()), format!("view name {:?} {m}", prefix(&name))))?;
     let at_view = |m: String| (Some(name_span.clone()), format!("view {name:?}: {m}"));
-    let topics_span = raw.source.topics.span();
-    let topics = raw.source.topics.into_inner();
-    if topics.is_empty() {
-        return Err(at_view("source.topics must name at least one topic".into()));
-    }
-    for topic in &topics {
-        check_topic(topic).map_err(|m| (Some(topics_span.clone()), format!("view {name:?}: source.topics: {m}")))?;
-    }
-    let dlq_topic =
-        check_dlq_topic(raw.source.dlq_topic, &topics, topics_span, sources).map_err(|(span, m)| (span, format!("view {name:?}: {m}")))?;
+    let postgres = postgres_source(&raw.source).map_err(|(span, m)| (span.or(Some(name_span.clone())), format!("view {name:?}: {m}")))?;
+    let (topics, dlq_topic) = match (&postgres, raw.source.topics) {
+        (Some(pg), None) => (vec![PostgresSource::topic(&pg.slot)], None),
+        (Some(_), Some(t)) => return Err((Some(t.span()), format!("view {name:?}: a postgres source reads a table, not source.topics"))),
+        (None, None) => return Err(at_view("source.topics must name at least one topic".into())),
+        (None, Some(topics)) => {
+            let topics_span = topics.span();
+            let topics = topics.into_inner();
+            if topics.is_empty() {
+                return Err(at_view("source.topics must name at least one topic".into()));
+            }
+            for topic in &topics {
+                check_topic(topic).map_err(|m| (Some(topics_span.clone()), format!("view {name:?}: source.topics: {m}")))?;
+            }
+            let dlq_topic = check_dlq_topic(raw.source.dlq_topic, &topics, topics_span, sources)
+                .map_err(|(span, m)| (span, format!("view {name:?}: {m}")))?;
+            (topics, dlq_topic)
+        }
+    };
     for (setting, field) in [("entity", &raw.entity), ("source.event_time", &raw.source.event_time)] {
         check_field(field).map_err(|m| at_view(format!("{setting} {m}")))?;
     }
@@ -306,7 +330,9 @@ fn convert_view(raw: RawView, sources: &HashSet<String>) -> Result<FeatureView, 
             format: match raw.source.format {
                 RawFormat::Debezium => Format::Debezium,
                 RawFormat::Json => Format::Json,
+                RawFormat::Postgres => Format::Postgres,
             },
+            postgres,
             event_time: raw.source.event_time,
             on_update,
             on_delete,
@@ -315,6 +341,60 @@ fn convert_view(raw: RawView, sources: &HashSet<String>) -> Result<FeatureView, 
         features,
         series,
     })
+}
+
+/// The table, slot and publication of a `format = "postgres"` source, and
+/// none of them for another format.
+fn postgres_source(raw: &RawSource) -> Result<Option<PostgresSource>, Invalid> {
+    let table_span = raw.table.as_ref().map(|t| t.span());
+    if !matches!(raw.format, RawFormat::Postgres) {
+        let stray = [
+            ("table", raw.table.is_some()),
+            ("slot", raw.slot.is_some()),
+            ("publication", raw.publication.is_some()),
+            ("url_env", raw.url_env.is_some()),
+        ];
+        return match stray.into_iter().find(|(_, set)| *set) {
+            Some((setting, _)) => Err((table_span, format!("source.{setting} is for format = \"postgres\" only"))),
+            None => Ok(None),
+        };
+    }
+    let Some(table) = raw.table.as_ref().map(|t| t.get_ref()) else {
+        return Err((None, "a postgres source needs source.table (\"schema.table\")".into()));
+    };
+    let (schema, table) = table.split_once('.').unwrap_or(("public", table));
+    let (Some(slot), Some(publication)) = (&raw.slot, &raw.publication) else {
+        return Err((table_span, "a postgres source needs source.slot and source.publication".into()));
+    };
+    for (setting, name) in [("table", schema), ("table", table), ("publication", publication.as_str())] {
+        check_identifier(name).map_err(|m| (table_span.clone(), format!("source.{setting}: {m}")))?;
+    }
+    // Postgres's own rule for slot names.
+    if slot.is_empty() || slot.len() > 63 || !slot.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') {
+        return Err((table_span, format!("source.slot {:?} is not a slot name (1 to 63 of a-z, 0-9, '_')", prefix(slot))));
+    }
+    let url_env = raw.url_env.clone().unwrap_or_else(|| "FRESHET_SOURCE_DATABASE_URL".into());
+    Ok(Some(PostgresSource { url_env, publication: publication.clone(), slot: slot.clone(), schema: schema.into(), table: table.into() }))
+}
+
+/// A Postgres name Freshet quotes: 1 to 63 bytes, no quote or NUL.
+fn check_identifier(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 63 || name.contains(['"', '\0', '.']) {
+        return Err(format!("{:?} is not a Postgres name (1 to 63 bytes, no '\"' or '.')", prefix(name)));
+    }
+    Ok(())
+}
+
+/// Views reading one slot read one database through one publication.
+fn check_shared_slot(views: &[FeatureView], view: &FeatureView) -> Result<(), String> {
+    let Some(pg) = &view.source.postgres else { return Ok(()) };
+    match views.iter().filter_map(|v| v.source.postgres.as_ref().map(|p| (v, p))).find(|(_, p)| p.slot == pg.slot) {
+        Some((other, p)) if (&p.url_env, &p.publication) != (&pg.url_env, &pg.publication) => Err(format!(
+            "view {:?}: slot {:?} is read by view {:?} with another publication or url_env; views sharing a slot share both",
+            view.name, pg.slot, other.name
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// Kafka's rule for topic names, so a typo fails here and not on every produce.
@@ -473,6 +553,51 @@ aggregation = "last"
 field = "event_type"
 type = "string"
 "#;
+
+    #[test]
+    fn postgres_sources_name_a_table_a_slot_and_a_publication() {
+        let postgres = |extra: &str| {
+            GOOD.replace("topics = [\"app.public.user_events\"]\nformat = \"debezium\"", &format!("format = \"postgres\"\n{extra}"))
+        };
+        let catalog =
+            Catalog::parse(&postgres("table = \"app.user_events\"\nslot = \"freshet_app\"\npublication = \"freshet\""), "v").unwrap();
+        let source = &catalog.views[0].source;
+        assert_eq!(source.format, Format::Postgres);
+        assert_eq!(source.topics, vec!["postgres:freshet_app".to_string()]);
+        assert!(catalog.kafka_topics().is_empty(), "no Kafka topic to subscribe to");
+        let pg = source.postgres.as_ref().unwrap();
+        assert_eq!((pg.schema.as_str(), pg.table.as_str(), pg.url_env.as_str()), ("app", "user_events", "FRESHET_SOURCE_DATABASE_URL"));
+        let in_public = Catalog::parse(&postgres("table = \"user_events\"\nslot = \"s\"\npublication = \"p\""), "v").unwrap();
+        assert_eq!(in_public.views[0].source.postgres.as_ref().unwrap().schema, "public");
+
+        for (extra, says) in [
+            ("slot = \"s\"\npublication = \"p\"", "source.table"),
+            ("table = \"t\"\npublication = \"p\"", "source.slot"),
+            ("table = \"t\"\nslot = \"Bad-Slot\"\npublication = \"p\"", "not a slot name"),
+            ("table = \"t\\\"x\"\nslot = \"s\"\npublication = \"p\"", "not a Postgres name"),
+            ("topics = [\"x\"]\ntable = \"t\"\nslot = \"s\"\npublication = \"p\"", "not source.topics"),
+        ] {
+            let e = error_of(&postgres(extra));
+            assert!(e.message.contains(says), "{extra}: {e}");
+        }
+        // The documented example loads: every view on one slot.
+        let direct = Catalog::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/views/direct.toml"))).unwrap();
+        assert!(direct.views.iter().all(|v| v.source.postgres.as_ref().is_some_and(|p| p.slot == "freshet_app")));
+        // Views sharing a slot share its publication.
+        let two = format!("{GOOD}\n{}", GOOD.replace("user_activity", "other"));
+        let pg = |text: &str, publication: &str| {
+            text.replacen(
+                "topics = [\"app.public.user_events\"]\nformat = \"debezium\"",
+                &format!("format = \"postgres\"\ntable = \"t\"\nslot = \"s\"\npublication = \"{publication}\""),
+                1,
+            )
+        };
+        let e = error_of(&pg(&pg(&two, "p1"), "p2"));
+        assert!(e.message.contains("views sharing a slot share both"), "{e}");
+        assert!(Catalog::parse(&pg(&pg(&two, "p1"), "p1"), "v").is_ok());
+        let e = error_of(&GOOD.replace("format = \"debezium\"", "format = \"debezium\"\nslot = \"s\""));
+        assert!(e.message.contains("source.slot is for format = \"postgres\" only"), "{e}");
+    }
 
     fn error_of(text: &str) -> ViewError {
         Catalog::parse(text, "views.toml").unwrap_err()

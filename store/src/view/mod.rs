@@ -2,7 +2,8 @@
 //! file that users read like documentation (see `deploy/views/`).
 //!
 //! A view names a source (Kafka topics holding Debezium change events or
-//! plain JSON), the field that identifies the entity, the field that carries
+//! plain JSON, or a Postgres table read from a logical replication slot),
+//! the field that identifies the entity, the field that carries
 //! event time, and its features: windowed aggregations (`count`, `sum`,
 //! `min`, `max`, `avg`) and `last` values. Everything is validated on load,
 //! and each error names the file, line and field (see `file.rs`).
@@ -56,8 +57,12 @@ pub enum KeyType {
 
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// Kafka topics; for a Postgres source, its slot's one pseudo-topic
+    /// (see [`PostgresSource::topic`]), under which its checkpoint is kept.
     pub topics: Vec<String>,
     pub format: Format,
+    /// Set exactly when `format` is [`Format::Postgres`].
+    pub postgres: Option<PostgresSource>,
     /// Source field holding event time (RFC 3339 text or epoch milliseconds).
     pub event_time: String,
     pub on_update: UpdatePolicy,
@@ -73,6 +78,29 @@ pub enum Format {
     Debezium,
     /// One JSON object per record: the event itself.
     Json,
+    /// Rows of a Postgres table, streamed from a logical replication slot
+    /// (`pgoutput`) by freshet-ingest itself, without Kafka.
+    Postgres,
+}
+
+/// Where a Postgres-sourced view reads: one table, through a publication
+/// and a slot that views of the same database may share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresSource {
+    /// Environment variable holding the source database URL (kept out of
+    /// the file: it may carry a password).
+    pub url_env: String,
+    pub publication: String,
+    pub slot: String,
+    pub schema: String,
+    pub table: String,
+}
+
+impl PostgresSource {
+    /// The pseudo-topic a slot's checkpoint is stored under, as partition 0.
+    pub fn topic(slot: &str) -> String {
+        format!("postgres:{slot}")
+    }
 }
 
 /// What a Debezium update (`op = "u"`) does to the view.
@@ -139,6 +167,13 @@ impl Catalog {
         let mut topics: Vec<String> = self.views.iter().flat_map(|v| v.source.topics.clone()).collect();
         topics.sort();
         topics.dedup();
+        topics
+    }
+
+    /// The Kafka topics views read (not the pseudo-topics of Postgres slots).
+    pub fn kafka_topics(&self) -> Vec<String> {
+        let mut topics = self.topics();
+        topics.retain(|t| self.views_of_topic(t).all(|v| v.source.postgres.is_none()));
         topics
     }
 

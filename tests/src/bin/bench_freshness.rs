@@ -9,6 +9,8 @@
 //!   Postgres commit → servable through Debezium, against a running pipeline
 //!   (the demo's): inserts marker rows into `user_events` at 100 rows/s, each
 //!   for a user of its own, timing from the moment COMMIT returns.
+//! - `bench_freshness direct …`: the same against the demo's `--direct`
+//!   pipeline (freshet-ingest streaming the table from a replication slot).
 //!
 //! Prints p50/p95/p99/max over the markers.
 
@@ -126,7 +128,8 @@ async fn kafka() {
     report(&format!("Kafka append → servable, {rate} events/s"), latencies, markers);
 }
 
-async fn debezium(address: String, app_url: String, seconds: u64) {
+/// Postgres commit → servable against a running pipeline, `through` it.
+async fn commit_to_servable(through: &str, address: String, app_url: String, seconds: u64) {
     let app = sqlx::PgPool::connect(&app_url).await.unwrap();
     let rate = 100u64;
     let markers = (rate * seconds) as usize;
@@ -143,7 +146,7 @@ async fn debezium(address: String, app_url: String, seconds: u64) {
     let latencies = watcher.await.unwrap();
     println!("| path | markers seen | p50 ms | p95 ms | p99 ms | max ms |");
     println!("|---|---|---|---|---|---|");
-    report(&format!("Postgres commit → servable through Debezium, {rate} rows/s"), latencies, markers);
+    report(&format!("Postgres commit → servable through {through}, {rate} rows/s"), latencies, markers);
 }
 
 #[tokio::main]
@@ -151,9 +154,10 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("kafka") => kafka().await,
-        Some("debezium") if args.len() >= 4 => {
-            debezium(args[2].clone(), args[3].clone(), args.get(4).and_then(|s| s.parse().ok()).unwrap_or(10)).await
+        Some(path @ ("debezium" | "direct")) if args.len() >= 4 => {
+            let through = if path == "debezium" { "Debezium" } else { "the direct source" };
+            commit_to_servable(through, args[2].clone(), args[3].clone(), args.get(4).and_then(|s| s.parse().ok()).unwrap_or(10)).await
         }
-        _ => eprintln!("usage: bench_freshness kafka | bench_freshness debezium SERVER_ADDRESS APP_DATABASE_URL [SECONDS]"),
+        _ => eprintln!("usage: bench_freshness kafka | bench_freshness debezium|direct SERVER_ADDRESS APP_DATABASE_URL [SECONDS]"),
     }
 }
