@@ -480,6 +480,11 @@ EXPORTED = {
     "freshet_server_cache_reads_total": ("counter", {"outcome"}),
     "freshet_server_cache_degraded": ("gauge", set()),
     "freshet_server_store_up": ("gauge", set()),
+    "freshet_server_hot_cache_capacity_bytes": ("gauge", set()),
+    "freshet_server_hot_cache_bytes": ("gauge", set()),
+    "freshet_server_hot_cache_entries": ("gauge", set()),
+    "freshet_server_hot_cache_refreshed_rows_total": ("counter", set()),
+    "freshet_server_commit_listener_up": ("gauge", set()),
     "freshet_source_replication_slot_lag_bytes": ("gauge", {"slot"}),
     "freshet_source_replication_slot_retained_bytes": ("gauge", {"slot"}),
     "freshet_source_replication_slot_active": ("gauge", {"slot"}),
@@ -487,7 +492,7 @@ EXPORTED = {
 # Not Freshet's: Prometheus' own series per scrape target.
 OTHERS = {"up": set()}
 TARGET = {"job", "instance"}  # added by Prometheus to every scraped series
-VALUES = {"outcome": {"hit", "partial", "miss", "bypassed", "stale"}}
+VALUES = {"outcome": {"hot", "hit", "partial", "miss", "bypassed", "stale"}}
 
 SERIES = dict(OTHERS)
 for name, (kind, labels) in EXPORTED.items():

@@ -29,18 +29,19 @@ use std::{
     time::Duration,
 };
 
-use freshet_store::{codec, entities, entities::RowKey, state::EntityState};
+use freshet_store::{codec, entities::RowKey, state::EntityState};
 use redis::aio::ConnectionManager;
 
 use crate::metrics::ServerMetrics;
 
 /// A cached row: its state, or `None` for an entity the view does not know.
-pub type Entry = Option<EntityState>;
+/// Shared: the hot tier, the call and the evaluation all read one copy.
+pub type Entry = Option<Arc<EntityState>>;
 
 /// What the cache said about one row.
 pub enum Lookup {
-    /// Cached, and younger than the TTL.
-    Fresh(Entry),
+    /// Cached, and younger than the TTL; `age` since it was filled.
+    Fresh { entry: Entry, age: Duration },
     /// Not cached, or cached longer than the TTL: read Postgres and fill the
     /// entry with `generation`. An entry past its TTL comes along, to serve
     /// while Postgres cannot be reached.
@@ -98,7 +99,7 @@ impl Cache {
     }
 
     /// Looks `rows` up in one round trip.
-    pub async fn get(&self, rows: &[RowKey]) -> redis::RedisResult<Vec<Lookup>> {
+    pub async fn get(&self, rows: &[&RowKey]) -> redis::RedisResult<Vec<Lookup>> {
         let mut pipe = redis::pipe();
         for row in rows {
             let key = self.state_key(row);
@@ -111,36 +112,39 @@ impl Cache {
             .map(|(bytes, remaining_ms, generation)| {
                 let entry = bytes.and_then(|bytes| match bytes.is_empty() {
                     true => Some(None),
-                    false => codec::decode(&bytes).ok().map(Some),
+                    false => codec::decode(&bytes).ok().map(|state| Some(Arc::new(state))),
                 });
                 // PTTL: -1 for a key without expiry (not one of ours), -2 for none.
                 let age = lifetime.saturating_sub(Duration::from_millis(remaining_ms.max(0) as u64));
                 match entry {
-                    Some(entry) if remaining_ms == -1 || age < self.ttl => Lookup::Fresh(entry),
+                    Some(entry) if remaining_ms == -1 || age < self.ttl => Lookup::Fresh { entry, age },
                     stale => Lookup::Refresh { generation: generation.unwrap_or_default(), stale: stale.map(|entry| Stale { entry, age }) },
                 }
             })
             .collect())
     }
 
-    /// Fills missed rows (state, or `None` for an unknown entity) in the
-    /// background: the caller already has its answer.
-    pub fn fill(&self, rows: Vec<(RowKey, String, Option<&EntityState>)>) {
-        if rows.is_empty() {
-            return;
-        }
+    /// Fills missed rows (row, generation seen before the read, state or
+    /// `None` for an unknown entity) in the background: the caller already
+    /// has its answer.
+    pub fn fill<'a>(&self, rows: impl Iterator<Item = (&'a RowKey, &'a str, &'a Entry)>) {
         let mut pipe = redis::pipe();
         let lifetime = (self.ttl + self.stale_for).as_millis() as u64;
-        for (row, generation, state) in &rows {
+        let mut any = false;
+        for (row, generation, entry) in rows {
+            any = true;
             pipe.cmd("EVAL")
                 .arg(FILL)
                 .arg(2)
                 .arg(self.state_key(row))
                 .arg(self.generation_key(row))
-                .arg(state.map(codec::encode).unwrap_or_default())
+                .arg(entry.as_deref().map(codec::encode).unwrap_or_default())
                 .arg(generation)
                 .arg(lifetime)
                 .ignore();
+        }
+        if !any {
+            return;
         }
         let cache = self.clone();
         tokio::spawn(async move {
@@ -176,42 +180,5 @@ impl Cache {
             }
         }
         result
-    }
-}
-
-/// Follows ingest's commit notifications and invalidates what they name.
-pub async fn follow_commits(cache: Cache, pool: sqlx::PgPool) {
-    loop {
-        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for commits; cache entries expire by TTL meanwhile");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        if let Err(e) = listener.listen(entities::CHANGES_CHANNEL).await {
-            tracing::warn!(error = %e, "LISTEN failed");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        loop {
-            match listener.try_recv().await {
-                Ok(Some(notification)) => {
-                    let rows = entities::parse_changes(notification.payload());
-                    if let Err(e) = cache.invalidate(&rows).await {
-                        tracing::warn!(error = %e, rows = rows.len(), "invalidation failed; entries expire by TTL");
-                    }
-                }
-                Ok(None) => {
-                    tracing::warn!("commit notifications interrupted; reconnecting (entries expire by TTL meanwhile)");
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "commit notifications failed; reconnecting");
-                    break;
-                }
-            }
-        }
     }
 }

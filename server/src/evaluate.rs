@@ -7,16 +7,13 @@
 //! call's deadline has passed, and yields so that other calls on the same
 //! worker keep moving.
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use freshet_proto::v1::{FeatureStatus, FeatureValue, Value, value::Kind};
-use freshet_store::{
-    entities::RowKey,
-    state::{EntityState, Reading, Scalar},
-};
+use freshet_store::state::{Reading, Scalar};
 use tonic::Status;
 
-use crate::{request::Plan, service::timestamp};
+use crate::{reader::Rows, request::Plan, service::timestamp};
 
 /// Values evaluated between two deadline checks (and yields).
 const CHUNK: usize = 2048;
@@ -25,19 +22,18 @@ const CHUNK: usize = 2048;
 /// whether the call's deadline has passed.
 pub async fn evaluate(
     plan: &Plan<'_>,
-    states: &HashMap<RowKey, EntityState>,
+    states: &Rows,
     now_ms: i64,
     mut expired: impl FnMut() -> bool,
 ) -> Result<Vec<Vec<FeatureValue>>, Status> {
     let max_ages: Vec<Duration> = plan.views.iter().map(|v| plan.max_age.map_or(v.max_age, |m| m.min(v.max_age))).collect();
     let mut rows = Vec::with_capacity(plan.entities.len());
     let mut since_check = 0;
-    for entity in &plan.entities {
-        let found: Vec<Option<&EntityState>> = plan.views.iter().map(|v| states.get(&(v.name.clone(), entity.clone()))).collect();
+    for e in 0..plan.entities.len() {
         rows.push(
             plan.columns
                 .iter()
-                .map(|&(v, feature)| match found[v] {
+                .map(|&(v, feature)| match states.get(v, e) {
                     None => FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None },
                     Some(state) => feature_value(state.read(feature, now_ms), max_ages[v], now_ms),
                 })
@@ -87,7 +83,7 @@ fn proto_value(value: Scalar) -> Value {
 mod tests {
     use freshet_proto::v1::{EntityKey, GetFeaturesRequest, entity_key::Key};
     use freshet_store::{
-        state::{Direction, Event},
+        state::{Direction, EntityState, Event},
         view::Catalog,
     };
 
@@ -113,13 +109,15 @@ mod tests {
     }
 
     /// 3,000 entities × 3 features, entity 1 known to the view.
-    fn big_request() -> (Catalog, GetFeaturesRequest, HashMap<RowKey, EntityState>) {
+    fn big_request() -> (Catalog, GetFeaturesRequest, Rows) {
         let c = catalog();
         let view = c.view("orders").unwrap();
         let mut state = EntityState::default();
         let fields = [("amount".to_string(), Scalar::Double(2.5))].into_iter().collect();
         state.apply(view, &Event { entity: "1".into(), at_ms: 1_000_000, fields }, Direction::Add, true);
-        let states = [(("orders".to_string(), "1".to_string()), state)].into_iter().collect();
+        let mut states = vec![None; 3000];
+        states[1] = Some(std::sync::Arc::new(state));
+        let states = Rows::new(states, 3000);
         let request = GetFeaturesRequest {
             features: vec!["orders:spend_1h".into(), "orders:orders_1h".into(), "orders:last_express".into()],
             entities: (0..3000).map(|k| EntityKey { key: Some(Key::Int64Key(k)) }).collect(),

@@ -4,12 +4,14 @@
 //! taken for a dead store) twice a second. While Postgres does not answer,
 //! calls that need it fail at once with `UNAVAILABLE` instead of waiting for
 //! their deadline, and a call already waiting is answered when the probe
-//! finds the store down. Cache entries past their TTL are served meanwhile
-//! (`reader.rs`), for at most the cache's stale window.
+//! finds the store down. Cached rows past their TTL (in memory or Redis) are
+//! served meanwhile (`reader.rs`), for at most the caches' stale window.
 //!
 //! gRPC health is SERVING while Postgres answers, or, while it does not,
-//! for the stale window if Redis answers (the cache may then still answer);
-//! NOT_SERVING otherwise, and from the moment shutdown begins.
+//! for the stale window if the hot tier holds rows or Redis answers (the
+//! caches may then still answer); NOT_SERVING otherwise, and from the moment
+//! shutdown begins. The service [`STORE`] says whether Postgres itself
+//! answers, so a probe can tell "serving from its caches" from "serving".
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -19,7 +21,11 @@ use tokio::{sync::watch, time::Instant};
 use tonic::Status;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-use crate::{cache::Cache, metrics::ServerMetrics, service::Features};
+use crate::{cache::Cache, hot::HotTier, metrics::ServerMetrics, service::Features};
+
+/// The health service name whose status is Postgres's own: NOT_SERVING
+/// while the server answers from its caches alone.
+pub const STORE: &str = "freshet.store";
 
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -62,28 +68,48 @@ pub fn unavailable(e: sqlx::Error) -> Status {
     Status::unavailable("the feature store is unavailable; retry with backoff")
 }
 
+/// The caches that can answer while Postgres cannot.
+#[derive(Clone)]
+pub struct Caches {
+    pub redis: Option<Cache>,
+    pub hot: Option<Arc<HotTier>>,
+    /// How long they alone keep the server SERVING.
+    pub stale_for: Duration,
+}
+
+impl Caches {
+    /// Whether they may still answer some calls.
+    async fn can_answer(&self) -> bool {
+        if self.hot.as_ref().is_some_and(|hot| hot.holds_any()) {
+            return true;
+        }
+        match &self.redis {
+            Some(cache) => cache.ping().await,
+            None => false,
+        }
+    }
+}
+
 /// Declares the server SERVING and starts probing the stores behind `pool`
-/// and `cache`, keeping `health` up to date; `stale_for` is how long the
-/// cache alone keeps the server SERVING. Stop it (abort the task) before
-/// [`stopping`].
+/// and `caches`, keeping `health` up to date. Stop it (abort the task)
+/// before [`stopping`].
 pub async fn start(
     pool: PgPool,
-    cache: Option<Cache>,
-    stale_for: Duration,
+    caches: Caches,
     health: HealthReporter,
     metrics: Arc<ServerMetrics>,
 ) -> (Postgres, tokio::task::JoinHandle<()>) {
     set(&health, ServingStatus::Serving).await;
+    health.set_service_status(STORE, ServingStatus::Serving).await;
     let (reachable, receiver) = watch::channel(Reachable::Yes);
     let options = (*pool.connect_options()).clone();
-    let task = tokio::spawn(probe(options, cache, stale_for, health, reachable, metrics));
+    let task = tokio::spawn(probe(options, caches, health, reachable, metrics));
     (Postgres { pool, reachable: receiver }, task)
 }
 
 async fn probe(
     options: PgConnectOptions,
-    cache: Option<Cache>,
-    stale_for: Duration,
+    caches: Caches,
     health: HealthReporter,
     reachable: watch::Sender<Reachable>,
     metrics: Arc<ServerMetrics>,
@@ -100,7 +126,8 @@ async fn probe(
                 false
             }
         };
-        reachable.send_if_modified(|r| match (*r, up) {
+        let stale_for = caches.stale_for;
+        let changed = reachable.send_if_modified(|r| match (*r, up) {
             (Reachable::Yes, false) => {
                 tracing::warn!(?stale_for, "Postgres cannot be reached: calls that need it fail; cached rows are served meanwhile");
                 *r = Reachable::No { since: Instant::now() };
@@ -114,14 +141,13 @@ async fn probe(
             _ => false,
         });
         metrics.store_up.set(up as i64);
-        let redis = match &cache {
-            Some(cache) => cache.ping().await,
-            None => false,
-        };
+        if changed {
+            health.set_service_status(STORE, if up { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+        }
         let state = *reachable.borrow();
         let now_serving = match state {
             Reachable::Yes => true,
-            Reachable::No { since } => redis && since.elapsed() < stale_for,
+            Reachable::No { since } => since.elapsed() < stale_for && caches.can_answer().await,
         };
         if serving != now_serving {
             set(&health, if now_serving { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
@@ -162,4 +188,5 @@ pub async fn stopping(mut health: HealthReporter) {
     let service = <FeatureServiceServer<Features> as tonic::server::NamedService>::NAME;
     health.clear_service_status(service).await;
     health.clear_service_status("").await;
+    health.clear_service_status(STORE).await;
 }

@@ -5,9 +5,11 @@
 //! `views` checks a feature-view file and prints what it declares.
 
 mod cache;
+mod commits;
 mod evaluate;
 mod freshness;
 mod health;
+mod hot;
 mod layers;
 mod metrics;
 mod reader;
@@ -99,12 +101,18 @@ struct ServeArgs {
     /// that several stores can share one Redis.
     #[arg(long, env = "FRESHET_CACHE_PREFIX")]
     cache_prefix: Option<String>,
-    /// Longest a cache entry may outlive a missed invalidation, in ms.
+    /// Bytes of decoded state the hot tier keeps in the server's memory (in
+    /// front of Redis and Postgres, refreshed on commit); 0 turns it off.
+    /// The default keeps the server well under 256 MiB.
+    #[arg(long, env = "FRESHET_HOT_CACHE_BYTES", default_value_t = 64 << 20)]
+    hot_cache_bytes: u64,
+    /// Longest a cached entry (in memory or Redis) may outlive a missed
+    /// invalidation, in ms.
     #[arg(long, env = "FRESHET_CACHE_TTL_MS", default_value_t = 5000)]
     cache_ttl_ms: u64,
-    /// While Postgres cannot be reached: how long past --cache-ttl-ms cache
+    /// While Postgres cannot be reached: how long past --cache-ttl-ms cached
     /// entries are still served (answers say so), and how long health stays
-    /// SERVING on the cache alone, in ms; 0 turns this off.
+    /// SERVING on the caches alone, in ms; 0 turns this off.
     #[arg(long, env = "FRESHET_CACHE_STALE_MS", default_value_t = 60_000)]
     cache_stale_ms: u64,
     /// File of accepted bearer tokens, one per line; without it, no auth.
@@ -156,22 +164,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let pool = db::connect(&args.db.database_url, args.db_connections).await?;
     db::ensure_migrated(&pool).await?;
 
+    let ttl = Duration::from_millis(args.cache_ttl_ms);
     let stale_for = Duration::from_millis(args.cache_stale_ms);
+    let hot = (args.hot_cache_bytes > 0).then(|| Arc::new(hot::HotTier::new(args.hot_cache_bytes, ttl, stale_for)));
+    if let Some(hot) = &hot {
+        metrics.hot_capacity.set(args.hot_cache_bytes as i64);
+        tokio::spawn(watch_hot(hot.clone(), metrics.clone()));
+    }
     let cache = match &args.redis_url {
         Some(url) => {
             let prefix = match &args.cache_prefix {
                 Some(prefix) => prefix.clone(),
                 None => format!("freshet:{}", sqlx::query_scalar::<_, String>("SELECT current_database()::text").fetch_one(&pool).await?),
             };
-            let cache = cache::Cache::connect(url, &prefix, Duration::from_millis(args.cache_ttl_ms), stale_for, metrics.clone()).await?;
-            tokio::spawn(cache::follow_commits(cache.clone(), pool.clone()));
-            Some(cache)
+            Some(cache::Cache::connect(url, &prefix, ttl, stale_for, metrics.clone()).await?)
         }
         None => None,
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    let (postgres, probe) = health::start(pool, cache.clone(), stale_for, health.clone(), metrics.clone()).await;
+    let caches = health::Caches { redis: cache.clone(), hot: hot.clone(), stale_for };
+    let (postgres, probe) = health::start(pool, caches, health.clone(), metrics.clone()).await;
+    let reader = reader::Reader { postgres, cache, hot };
+    if reader.cache.is_some() || reader.hot.is_some() {
+        tokio::spawn(commits::follow(reader.clone(), metrics.clone()));
+    }
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -199,7 +216,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         source,
         metrics: metrics.clone(),
         catalog,
-        reader: reader::Reader { postgres, cache },
+        reader,
         group: args.group,
         limits: request::Limits { max_features: args.max_features, max_entities: args.max_entities, max_values: args.max_values },
     };
@@ -250,6 +267,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The hot tier's size as metrics; evictions it owes are done first.
+async fn watch_hot(hot: Arc<hot::HotTier>, metrics: Arc<metrics::ServerMetrics>) {
+    loop {
+        let (bytes, entries) = hot.usage();
+        metrics.hot_bytes.set(bytes as i64);
+        metrics.hot_entries.set(entries as i64);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 /// Replication slot lag as metrics, so an alert fires before WAL fills the disk.

@@ -2,8 +2,8 @@
 //! start-up, and recorded through typed handles.
 //!
 //! Calls by method and gRPC code, their latency, calls in flight and calls
-//! shed; cache outcomes, degraded mode and whether Postgres answers; the CDC
-//! source's replication slots. Names, types and labels are what
+//! shed; cache outcomes, degraded mode and whether Postgres answers; the hot
+//! tier's size and refreshes; the CDC source's replication slots. Names, types and labels are what
 //! `deploy/validate.sh`, the dashboard and the alert rules use (the test
 //! below holds them to it).
 //!
@@ -29,7 +29,7 @@ const UNKNOWN: &str = "unknown";
 const CODES: usize = 17;
 /// Cache outcomes, as `reader::CacheOutcome::as_str` names them; one it
 /// adds later is counted all the same, from its first read.
-const OUTCOMES: [&str; 5] = ["hit", "partial", "miss", "bypassed", "stale"];
+const OUTCOMES: [&str; 6] = ["hot", "hit", "partial", "miss", "bypassed", "stale"];
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CallLabels {
@@ -73,6 +73,11 @@ pub struct ServerMetrics {
     outcomes: Vec<(&'static str, Counter)>,
     pub cache_degraded: Gauge,
     pub store_up: Gauge,
+    pub hot_capacity: Gauge,
+    pub hot_bytes: Gauge,
+    pub hot_entries: Gauge,
+    pub hot_refreshed: Counter,
+    pub listening: Gauge,
     slot_lag: Family<SlotLabels, Gauge>,
     slot_retained: Family<SlotLabels, Gauge>,
     slot_active: Family<SlotLabels, Gauge>,
@@ -108,6 +113,11 @@ impl ServerMetrics {
             outcomes,
             cache_degraded: Gauge::default(),
             store_up: Gauge::default(),
+            hot_capacity: Gauge::default(),
+            hot_bytes: Gauge::default(),
+            hot_entries: Gauge::default(),
+            hot_refreshed: Counter::default(),
+            listening: Gauge::default(),
             slot_lag: Family::default(),
             slot_retained: Family::default(),
             slot_active: Family::default(),
@@ -121,6 +131,15 @@ impl ServerMetrics {
         r.register("freshet_server_cache_reads", "GetFeatures reads by cache outcome", m.cache_reads.clone());
         r.register("freshet_server_cache_degraded", "1 while Redis fails and reads go to Postgres", m.cache_degraded.clone());
         r.register("freshet_server_store_up", "1 while Postgres answers the server's probe", m.store_up.clone());
+        r.register("freshet_server_hot_cache_capacity_bytes", "Bytes the hot tier may hold (--hot-cache-bytes)", m.hot_capacity.clone());
+        r.register("freshet_server_hot_cache_bytes", "Bytes the hot tier holds, as its entries weigh", m.hot_bytes.clone());
+        r.register("freshet_server_hot_cache_entries", "(view, entity) rows the hot tier holds", m.hot_entries.clone());
+        r.register(
+            "freshet_server_hot_cache_refreshed_rows",
+            "Rows read again into the hot tier after a commit notification named them",
+            m.hot_refreshed.clone(),
+        );
+        r.register("freshet_server_commit_listener_up", "1 while the server follows ingest's commit notifications", m.listening.clone());
         r.register("freshet_source_replication_slot_lag_bytes", "WAL written since the slot's consumer last confirmed", m.slot_lag.clone());
         r.register("freshet_source_replication_slot_retained_bytes", "WAL the source keeps for the slot", m.slot_retained.clone());
         r.register("freshet_source_replication_slot_active", "1 while a consumer is attached to the slot", m.slot_active.clone());

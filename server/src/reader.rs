@@ -1,32 +1,43 @@
-//! Reading feature state for a request: one round trip to Redis for every
-//! (view, entity) pair it needs, and one to Postgres for the misses.
+//! Reading feature state for a request, tier by tier: the hot tier in
+//! memory (`hot.rs`), then one round trip to Redis for what it lacks, then
+//! one query to Postgres for what Redis lacks. What the lower tiers return
+//! fills the upper ones.
 //!
 //! Redis failing is not the caller's problem: reads go to Postgres and the
-//! cache is marked degraded. Postgres failing is, only for what the cache
-//! cannot answer: a request whose rows are all cached, even past their TTL
-//! (within the stale window), is served, and says so; any other fails at once
-//! with `UNAVAILABLE`.
+//! cache is marked degraded. Postgres failing is, only for what the caches
+//! cannot answer: a request whose rows are all held in memory or Redis, even
+//! past their TTL (within the stale window), is served, and says so; any
+//! other fails at once with `UNAVAILABLE`.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use freshet_store::{entities, entities::RowKey, state::EntityState, view::FeatureView};
 use tonic::Status;
 use tracing::Instrument;
 
 use crate::{
-    cache::{Cache, Lookup},
+    cache::{Cache, Entry, Lookup, Stale},
     health::Postgres,
+    hot::{Found, HotTier, Ticket},
 };
 
 #[derive(Clone)]
 pub struct Reader {
     pub postgres: Postgres,
     pub cache: Option<Cache>,
+    pub hot: Option<Arc<HotTier>>,
 }
 
 /// Where a request's rows came from, for its span and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
+    /// Every row from the hot tier, in memory.
+    Hot,
+    /// The rest from Redis.
     Hit,
     Partial,
     Miss,
@@ -39,6 +50,7 @@ pub enum CacheOutcome {
 impl CacheOutcome {
     pub fn as_str(self) -> &'static str {
         match self {
+            CacheOutcome::Hot => "hot",
             CacheOutcome::Hit => "hit",
             CacheOutcome::Partial => "partial",
             CacheOutcome::Miss => "miss",
@@ -48,59 +60,126 @@ impl CacheOutcome {
     }
 }
 
+/// The states of a request's rows, shared with the caches (nothing is
+/// copied): view `v` and entity `e` at `v * entities + e`.
+pub struct Rows {
+    states: Vec<Entry>,
+    entities: usize,
+}
+
+impl Rows {
+    pub fn new(states: Vec<Entry>, entities: usize) -> Rows {
+        Rows { states, entities }
+    }
+
+    pub fn get(&self, view: usize, entity: usize) -> Option<&EntityState> {
+        self.states[view * self.entities + entity].as_deref()
+    }
+}
+
+/// A row the hot tier could not answer.
+struct Wanted {
+    /// In [`Rows::states`].
+    index: usize,
+    row: RowKey,
+    ticket: Option<Ticket>,
+    /// The youngest entry past its TTL either cache still holds.
+    stale: Option<Stale>,
+}
+
 impl Reader {
-    pub async fn read(&self, views: &[&FeatureView], entities: &[String]) -> Result<(HashMap<RowKey, EntityState>, CacheOutcome), Status> {
-        let mut rows: Vec<RowKey> = views.iter().flat_map(|v| entities.iter().map(|e| (v.name.clone(), e.clone()))).collect();
-        rows.sort();
-        rows.dedup();
-        let mut found = HashMap::with_capacity(rows.len());
+    /// The states of `views` × `entities` (entities distinct), and where
+    /// they came from.
+    pub async fn read(&self, views: &[&FeatureView], entities: &[String]) -> Result<(Rows, CacheOutcome), Status> {
+        let mut states: Vec<Entry> = vec![None; views.len() * entities.len()];
+        let mut wanted = Vec::new();
+        for (v, view) in views.iter().enumerate() {
+            for (e, entity) in entities.iter().enumerate() {
+                let index = v * entities.len() + e;
+                let (ticket, stale) = match self.hot.as_ref().map(|hot| hot.get(&view.name, entity)) {
+                    Some(Found::Fresh(entry)) => {
+                        states[index] = entry;
+                        continue;
+                    }
+                    Some(Found::Refresh { ticket, stale }) => (Some(ticket), stale),
+                    None => (None, None),
+                };
+                wanted.push(Wanted { index, row: (view.name.clone(), entity.clone()), ticket, stale });
+            }
+        }
+        let outcome = match wanted.is_empty() {
+            true => CacheOutcome::Hot,
+            false => self.read_through(&mut states, wanted).await?,
+        };
+        Ok((Rows::new(states, entities.len()), outcome))
+    }
+
+    /// Reads `wanted` from Redis, then Postgres.
+    async fn read_through(&self, states: &mut [Entry], wanted: Vec<Wanted>) -> Result<CacheOutcome, Status> {
+        let total = wanted.len();
         let lookups = match &self.cache {
             Some(cache) => {
-                cache.get(&rows).instrument(tracing::info_span!("redis.get", db.system.name = "redis", rows = rows.len())).await.ok()
+                let rows: Vec<&RowKey> = wanted.iter().map(|w| &w.row).collect();
+                let span = tracing::info_span!("redis.get", db.system.name = "redis", rows = rows.len());
+                cache.get(&rows).instrument(span).await.ok()
             }
             None => None,
         };
-        let Some(lookups) = lookups else {
-            return Ok((self.postgres_read(&rows).await?, CacheOutcome::Bypassed));
-        };
-        let mut refresh = Vec::new();
-        for (row, lookup) in rows.into_iter().zip(lookups) {
-            match lookup {
-                Lookup::Fresh(Some(state)) => {
-                    found.insert(row, state);
+        let from_redis = lookups.is_some();
+        let (mut missing, mut generations) = (Vec::new(), Vec::new());
+        match lookups {
+            Some(lookups) => {
+                for (mut w, lookup) in wanted.into_iter().zip(lookups) {
+                    match lookup {
+                        Lookup::Fresh { entry, age } => {
+                            self.fill_hot(&w, entry.clone(), Instant::now().checked_sub(age).unwrap_or_else(Instant::now));
+                            states[w.index] = entry;
+                        }
+                        Lookup::Refresh { generation, stale } => {
+                            w.stale = younger(w.stale, stale);
+                            missing.push(w);
+                            generations.push(generation);
+                        }
+                    }
                 }
-                Lookup::Fresh(None) => {}
-                Lookup::Refresh { generation, stale } => refresh.push((row, generation, stale)),
             }
+            None => missing = wanted,
         }
-        let outcome = match (refresh.is_empty(), found.is_empty()) {
-            (true, _) => return Ok((found, CacheOutcome::Hit)),
-            (false, true) => CacheOutcome::Miss,
-            (false, false) => CacheOutcome::Partial,
+        let outcome = match (from_redis, missing.len()) {
+            (_, 0) => return Ok(CacheOutcome::Hit),
+            (false, _) => CacheOutcome::Bypassed,
+            (true, n) if n == total => CacheOutcome::Miss,
+            (true, _) => CacheOutcome::Partial,
         };
-        let wanted: Vec<RowKey> = refresh.iter().map(|(r, _, _)| r.clone()).collect();
-        let loaded = match self.postgres_read(&wanted).await {
+        let born = Instant::now();
+        let rows: Vec<RowKey> = missing.iter().map(|w| w.row.clone()).collect();
+        let mut loaded = match self.postgres_read(&rows).await {
             Ok(loaded) => loaded,
-            Err(status) => return serve_stale(found, refresh.into_iter().map(|(row, _, stale)| (row, stale)), status),
+            Err(status) => return serve_stale(states, missing, status),
         };
-        if let Some(cache) = &self.cache {
-            cache.fill(
-                refresh
-                    .into_iter()
-                    .map(|(row, generation, _)| {
-                        let state = loaded.get(&row);
-                        (row, generation, state)
-                    })
-                    .collect(),
-            );
+        let entries: Vec<Entry> = rows.iter().map(|row| loaded.remove(row).map(Arc::new)).collect();
+        if let Some(cache) = self.cache.as_ref().filter(|_| from_redis) {
+            cache.fill(rows.iter().zip(&generations).zip(&entries).map(|((row, generation), entry)| (row, generation.as_str(), entry)));
         }
-        found.extend(loaded);
-        Ok((found, outcome))
+        for (w, entry) in missing.into_iter().zip(entries) {
+            self.fill_hot(&w, entry.clone(), born);
+            states[w.index] = entry;
+        }
+        Ok(outcome)
     }
 
-    async fn postgres_read(&self, rows: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, Status> {
+    fn fill_hot(&self, wanted: &Wanted, entry: Entry, born: Instant) {
+        if let (Some(hot), Some(ticket)) = (&self.hot, wanted.ticket) {
+            hot.fill(wanted.row.clone(), entry, born, ticket);
+        }
+    }
+
+    /// `rows` (and any other pair of their views and entities) from
+    /// Postgres, in one query.
+    pub async fn postgres_read(&self, rows: &[RowKey]) -> Result<HashMap<RowKey, EntityState>, Status> {
         let mut views: Vec<&str> = rows.iter().map(|(v, _)| v.as_str()).collect();
         let mut keys: Vec<&str> = rows.iter().map(|(_, e)| e.as_str()).collect();
+        views.sort();
         views.dedup();
         keys.sort();
         keys.dedup();
@@ -109,47 +188,61 @@ impl Reader {
     }
 }
 
+fn younger(a: Option<Stale>, b: Option<Stale>) -> Option<Stale> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(if a.age <= b.age { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
 /// Postgres failed with `status`: the answer from entries past their TTL
 /// if every row Postgres was asked for has one, else `status`.
-fn serve_stale(
-    mut found: HashMap<RowKey, EntityState>,
-    wanted: impl Iterator<Item = (RowKey, Option<crate::cache::Stale>)>,
-    status: Status,
-) -> Result<(HashMap<RowKey, EntityState>, CacheOutcome), Status> {
-    let mut oldest = Duration::ZERO;
-    for (row, stale) in wanted {
-        let Some(stale) = stale else { return Err(status) };
-        oldest = oldest.max(stale.age);
-        if let Some(state) = stale.entry {
-            found.insert(row, state);
-        }
+fn serve_stale(states: &mut [Entry], missing: Vec<Wanted>, status: Status) -> Result<CacheOutcome, Status> {
+    if missing.iter().any(|w| w.stale.is_none()) {
+        return Err(status);
     }
-    Ok((found, CacheOutcome::Stale(oldest)))
+    let mut oldest = Duration::ZERO;
+    for w in missing {
+        let stale = w.stale.expect("checked above");
+        oldest = oldest.max(stale.age);
+        states[w.index] = stale.entry;
+    }
+    Ok(CacheOutcome::Stale(oldest))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::Stale;
 
-    fn row(entity: &str) -> RowKey {
-        ("orders".to_string(), entity.to_string())
+    fn wanted(index: usize, stale: Option<(u64, bool)>) -> Wanted {
+        let stale = stale.map(|(age_ms, known)| Stale {
+            entry: known.then(|| Arc::new(EntityState { newest_ms: index as i64, ..EntityState::default() })),
+            age: Duration::from_millis(age_ms),
+        });
+        Wanted { index, row: ("orders".to_string(), index.to_string()), ticket: None, stale }
     }
 
     #[test]
     fn stale_entries_answer_only_when_they_cover_every_row() {
-        let fresh: HashMap<RowKey, EntityState> = [(row("1"), EntityState::default())].into_iter().collect();
-        let stale = |age_ms, known: bool| Some(Stale { entry: known.then(EntityState::default), age: Duration::from_millis(age_ms) });
-        let (rows, outcome) = serve_stale(
-            fresh.clone(),
-            [(row("2"), stale(9000, true)), (row("3"), stale(7000, false))].into_iter(),
-            Status::unavailable("down"),
-        )
-        .unwrap();
-        assert_eq!(outcome, CacheOutcome::Stale(Duration::from_millis(9000)));
-        assert!(rows.contains_key(&row("1")) && rows.contains_key(&row("2")));
-        assert!(!rows.contains_key(&row("3")), "an entity the view did not know stays unknown");
-        let refused = serve_stale(fresh, [(row("2"), stale(9000, true)), (row("4"), None)].into_iter(), Status::unavailable("down"));
+        let mut states: Vec<Entry> = vec![Some(Arc::default()), None, None];
+        let outcome =
+            serve_stale(&mut states, vec![wanted(1, Some((9000, true))), wanted(2, Some((7000, false)))], Status::unavailable("down"));
+        assert_eq!(outcome.unwrap(), CacheOutcome::Stale(Duration::from_millis(9000)));
+        assert!(states[0].is_some(), "what was fresh stays");
+        assert_eq!(states[1].as_ref().unwrap().newest_ms, 1);
+        assert!(states[2].is_none(), "an entity the view did not know stays unknown");
+        let refused = serve_stale(&mut states, vec![wanted(1, Some((9000, true))), wanted(2, None)], Status::unavailable("down"));
         assert_eq!(refused.unwrap_err().code(), tonic::Code::Unavailable);
+    }
+
+    #[test]
+    fn the_younger_stale_entry_is_kept() {
+        let age = |s: Option<Stale>| s.map(|s| s.age.as_millis());
+        let stale = |ms| wanted(0, Some((ms, true))).stale;
+        assert_eq!(age(younger(stale(5), stale(3))), Some(3));
+        assert_eq!(age(younger(stale(3), stale(5))), Some(3));
+        assert_eq!(age(younger(None, stale(5))), Some(5));
+        assert_eq!(age(younger(stale(5), None)), Some(5));
+        assert_eq!(age(younger(None, None)), None);
     }
 }

@@ -1,6 +1,7 @@
-//! The Redis cache: used when up, bypassed when down (no client errors),
-//! used again when back, and invalidated by commits; what it holds is
-//! served for a while when Postgres is down.
+//! The caches: Redis, used when up, bypassed when down (no client errors),
+//! used again when back, and invalidated by commits; the hot tier in the
+//! server's memory, refreshed by commits, bounded by its TTL and its bytes;
+//! what either holds is served for a while when Postgres is down.
 
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use freshet_store::{
     view::Catalog,
 };
 use freshet_tests::{
-    eventually, free_port, fresh_database, fresh_database_at, reference_views, scrape, server, service_env, services, tempfile_dir, unique,
+    Process, event, eventually, free_port, fresh_database, fresh_database_at, reference_views, scrape, server, service_env, services,
+    store_events, tempfile_dir, unique,
 };
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -61,6 +63,15 @@ async fn last_event_type(client: &mut Client) -> String {
     value(&ask(client, 1).await.expect("no client error, whatever Redis does"))
 }
 
+/// Whether `client` serves `expected` as user 1's value within `limit`.
+async fn comes_to_serve(client: &Client, expected: &str, limit: Duration) -> bool {
+    let seen = eventually(limit, || {
+        let mut client = client.clone();
+        async move { (last_event_type(&mut client).await == expected).then_some(()) }
+    });
+    seen.await.is_some()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cache_is_used_bypassed_when_redis_is_down_and_invalidated_by_commits() {
     let dir = tempfile_dir::Dir::new();
@@ -70,8 +81,9 @@ async fn cache_is_used_bypassed_when_redis_is_down_and_invalidated_by_commits() 
     let url = fresh_database().await;
     write(&url, "first", false).await;
     let prefix = unique("cache");
-    let (_server, address) =
-        server(&reference_views(), &url, &["--redis-url", &redis_url, "--cache-prefix", &prefix, "--cache-ttl-ms", "600000"]);
+    // Redis alone: the hot tier (tested below) would answer before it.
+    let redis_only = ["--redis-url", &redis_url, "--cache-prefix", &prefix, "--cache-ttl-ms", "600000", "--hot-cache-bytes", "0"];
+    let (_server, address) = server(&reference_views(), &url, &redis_only);
     let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
 
     assert_eq!(last_event_type(&mut client).await, "first");
@@ -82,12 +94,7 @@ async fn cache_is_used_bypassed_when_redis_is_down_and_invalidated_by_commits() 
 
     // A committed, announced change is visible once invalidated.
     write(&url, "second", true).await;
-    eventually(Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move { (last_event_type(&mut client).await == "second").then_some(()) }
-    })
-    .await
-    .expect("a committed change becomes visible after invalidation");
+    assert!(comes_to_serve(&client, "second", Duration::from_secs(10)).await, "a committed change becomes visible after invalidation");
 
     // Redis down: answers keep coming, straight from Postgres.
     services(&["redis-stop", dir_arg]);
@@ -115,14 +122,132 @@ async fn cache_is_used_bypassed_when_redis_is_down_and_invalidated_by_commits() 
 }
 
 async fn health(address: std::net::SocketAddr) -> ServingStatus {
+    health_of(address, "freshet.v1.FeatureService").await
+}
+
+/// The health status of `service` (`freshet.store`: whether Postgres answers).
+async fn health_of(address: std::net::SocketAddr, service: &str) -> ServingStatus {
     let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     let mut client = HealthClient::new(channel);
-    let request = HealthCheckRequest { service: "freshet.v1.FeatureService".into() };
-    client.check(request).await.unwrap().into_inner().status()
+    client.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner().status()
+}
+
+/// A metric of the server whose metrics are on `port` (0 if absent).
+async fn metric(port: u16, series: &str) -> f64 {
+    scrape(port).await.get(series).copied().unwrap_or(0.0)
+}
+
+/// GetFeatures calls answered from memory alone.
+async fn hot_reads(port: u16) -> f64 {
+    metric(port, "freshet_server_cache_reads_total{outcome=\"hot\"}").await
+}
+
+/// A server with the hot tier (and no Redis) once it follows commits and
+/// holds user 1 in memory: a call for it was answered from memory.
+async fn hot_server(url: &str, extra: &[&str]) -> (Process, Client, std::net::SocketAddr, u16) {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (process, address) = server(&reference_views(), url, &[&["--metrics-listen", &listen][..], extra].concat());
+    let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
+    eventually(Duration::from_secs(30), || async { (metric(port, "freshet_server_commit_listener_up").await == 1.0).then_some(()) })
+        .await
+        .expect("the server follows commit notifications");
+    eventually(Duration::from_secs(10), || {
+        let mut client = client.clone();
+        async move {
+            let before = hot_reads(port).await;
+            ask(&mut client, 1).await.unwrap();
+            (hot_reads(port).await > before).then_some(())
+        }
+    })
+    .await
+    .expect("user 1 is held in memory");
+    (process, client, address, port)
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_postgres_outage_serves_what_the_cache_holds_for_a_bounded_time_and_fails_fast_otherwise() {
+async fn a_commit_is_served_from_memory_right_after_its_notification() {
+    let url = fresh_database().await;
+    write(&url, "first", false).await;
+    let (_server, mut client, _, port) = hot_server(&url, &["--cache-ttl-ms", "600000"]).await;
+
+    // An unannounced change is not seen: the answer comes from memory.
+    write(&url, "unannounced", false).await;
+    let before = hot_reads(port).await;
+    assert_eq!(last_event_type(&mut client).await, "first");
+    assert_eq!(hot_reads(port).await, before + 1.0, "answered from memory");
+
+    // A commit's notification has the row read again into memory...
+    write(&url, "second", true).await;
+    eventually(Duration::from_secs(10), || async {
+        (metric(port, "freshet_server_hot_cache_refreshed_rows_total").await >= 1.0).then_some(())
+    })
+    .await
+    .expect("the notified row is refreshed in memory");
+    // ...so the next call is answered from memory, with the new value.
+    let before = hot_reads(port).await;
+    assert_eq!(last_event_type(&mut client).await, "second");
+    assert_eq!(hot_reads(port).await, before + 1.0, "the new value came from the hot tier");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_notification_is_bounded_by_the_ttl() {
+    let url = fresh_database().await;
+    write(&url, "first", false).await;
+    let (_long, mut long, _, long_port) = hot_server(&url, &["--cache-ttl-ms", "600000"]).await;
+    let (_short, short, _, _) = hot_server(&url, &["--cache-ttl-ms", "1000"]).await;
+
+    // A change whose notification is lost: the short TTL brings it...
+    write(&url, "unannounced", false).await;
+    assert!(comes_to_serve(&short, "unannounced", Duration::from_secs(20)).await, "past its TTL, a row is read again");
+    // ...and nothing else does: the 10-minute TTL still answers from memory.
+    let before = hot_reads(long_port).await;
+    assert_eq!(last_event_type(&mut long).await, "first");
+    assert_eq!(hot_reads(long_port).await, before + 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hot_tier_stays_within_its_bytes_with_more_entities_than_fit() {
+    let url = fresh_database().await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let users = 2000;
+    let events = (0..users).map(|u| event(u, now - 1000, &[("event_type", Scalar::Str(format!("u{u}")))])).collect();
+    store_events(&url, "user_activity", events).await;
+    let bound = 200_000.0;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (_server, address) = server(&reference_views(), &url, &["--metrics-listen", &listen, "--hot-cache-bytes", "200000"]);
+    let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
+    assert_eq!(metric(port, "freshet_server_hot_cache_capacity_bytes").await, bound);
+    // Every user read twice, 100 per call: the answers stay right whatever
+    // is evicted, and the tier never holds more than its bound.
+    for round in 0..2 {
+        for first in (0..users).step_by(100) {
+            let request = GetFeaturesRequest {
+                features: vec!["user_activity:last_event_type".into()],
+                entities: (first..first + 100).map(|u| EntityKey { key: Some(Key::Int64Key(u)) }).collect(),
+                max_age: None,
+            };
+            let answer = client.get_features(request).await.unwrap().into_inner();
+            for (u, row) in (first..).zip(&answer.results) {
+                assert_eq!(row.values[0].value.clone().and_then(|v| v.kind), Some(Kind::StringValue(format!("u{u}"))), "round {round}");
+            }
+            let held = metric(port, "freshet_server_hot_cache_bytes").await;
+            assert!(held <= bound, "{held} bytes held, bound {bound}");
+        }
+    }
+    let entries = eventually(Duration::from_secs(10), || async {
+        let entries = metric(port, "freshet_server_hot_cache_entries").await;
+        (entries > 0.0).then_some(entries)
+    })
+    .await
+    .expect("the tier holds what fits");
+    assert!(entries < users as f64, "{entries} of {users} users held: not all fit");
+    assert!(metric(port, "freshet_server_hot_cache_bytes").await <= bound);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgres_outage_serves_what_the_caches_hold_for_a_bounded_time_and_fails_fast_otherwise() {
     // A Postgres of this test's own, to stop without disturbing others.
     let dir = tempfile_dir::Dir::new();
     let dir_arg = dir.path.to_str().unwrap();
@@ -134,9 +259,12 @@ async fn a_postgres_outage_serves_what_the_cache_holds_for_a_bounded_time_and_fa
     let listen = format!("127.0.0.1:{port}");
     let prefix = unique("outage");
     // Entries are refreshed after 1 s, and kept 15 s longer for outages.
-    let cached = ["--redis-url", &redis_url, "--cache-prefix", &prefix, "--cache-ttl-ms", "1000", "--cache-stale-ms", "15000"];
-    let (_server, address) = server(&reference_views(), &url, &[&cached[..], &["--metrics-listen", &listen]].concat());
-    let (_bare, bare_address) = server(&reference_views(), &url, &[]);
+    let window = ["--cache-ttl-ms", "1000", "--cache-stale-ms", "15000"];
+    // Three servers: Redis alone, the hot tier alone, and neither.
+    let redis = ["--redis-url", &redis_url, "--cache-prefix", &prefix, "--hot-cache-bytes", "0", "--metrics-listen", &listen];
+    let (_server, address) = server(&reference_views(), &url, &[&window[..], &redis].concat());
+    let (_memory, mut memory, memory_address, memory_port) = hot_server(&url, &window).await;
+    let (_bare, bare_address) = server(&reference_views(), &url, &["--hot-cache-bytes", "0"]);
     let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
     let mut bare = FeatureServiceClient::connect(format!("http://{bare_address}")).await.unwrap();
 
@@ -146,35 +274,49 @@ async fn a_postgres_outage_serves_what_the_cache_holds_for_a_bounded_time_and_fa
         let mut client = client.clone();
         async move {
             ask(&mut client, 1).await.unwrap();
-            (scrape(port).await.get("freshet_server_cache_reads_total{outcome=\"hit\"}") > Some(&0.0)).then_some(())
+            (metric(port, "freshet_server_cache_reads_total{outcome=\"hit\"}").await > 0.0).then_some(())
         }
     })
     .await
     .expect("user 1 is cached");
+    assert_eq!(health_of(memory_address, "freshet.store").await, ServingStatus::Serving);
 
     services(&["pg-stop", dir_arg]);
-    // What the cache holds is served past its TTL, marked as such.
-    let stale = eventually(Duration::from_secs(20), || {
-        let mut client = client.clone();
-        async move { ask(&mut client, 1).await.ok().filter(|r| r.stale_cache_age.is_some()) }
-    })
-    .await
-    .expect("the cached row is served, marked stale, while Postgres is down");
-    assert_eq!(value(&stale), "cached");
-    assert!(stale.stale_cache_age.unwrap().seconds >= 1, "older than the TTL: {:?}", stale.stale_cache_age);
-    // A row it does not hold fails at once: UNAVAILABLE, not a deadline
+    // What the caches hold is served past its TTL, marked as such: from
+    // Redis, and from memory (that server has nothing else).
+    for (client, what) in [(&client, "Redis"), (&memory, "memory")] {
+        let stale = eventually(Duration::from_secs(20), || {
+            let mut client = client.clone();
+            async move { ask(&mut client, 1).await.ok().filter(|r| r.stale_cache_age.is_some()) }
+        })
+        .await
+        .unwrap_or_else(|| panic!("the row held in {what} is served, marked stale, while Postgres is down"));
+        assert_eq!(value(&stale), "cached");
+        assert!(stale.stale_cache_age.unwrap().seconds >= 1, "older than the TTL: {:?}", stale.stale_cache_age);
+    }
+    assert!(metric(memory_port, "freshet_server_cache_reads_total{outcome=\"stale\"}").await >= 1.0);
+    // A row they do not hold fails at once: UNAVAILABLE, not a deadline
     // waited out (once the outage is noticed, which takes a probe).
-    eventually(Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move { ask(&mut client, 2).await.err().filter(|s| s.code() == Code::Unavailable) }
-    })
-    .await
-    .expect("an uncached row is UNAVAILABLE");
+    for client in [&client, &memory] {
+        eventually(Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move { ask(&mut client, 2).await.err().filter(|s| s.code() == Code::Unavailable) }
+        })
+        .await
+        .expect("an uncached row is UNAVAILABLE");
+    }
     for _ in 0..5 {
         assert_eq!(ask(&mut client, 2).await.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(ask(&mut memory, 2).await.unwrap_err().code(), Code::Unavailable);
         assert_eq!(client.get_freshness(GetFreshnessRequest { views: vec![] }).await.unwrap_err().code(), Code::Unavailable);
     }
-    assert_eq!(health(address).await, ServingStatus::Serving, "the cache can still answer");
+    // Health: serving (the caches can still answer), and saying that the
+    // store is not.
+    for address in [address, memory_address] {
+        assert_eq!(health(address).await, ServingStatus::Serving, "the caches can still answer");
+        assert_eq!(health_of(address, "freshet.store").await, ServingStatus::NotServing, "Postgres is down");
+    }
+    assert_eq!(metric(memory_port, "freshet_server_store_up").await, 0.0);
     // A server without a cache can answer nothing.
     eventually(Duration::from_secs(10), || async { (health(bare_address).await == ServingStatus::NotServing).then_some(()) })
         .await
@@ -182,30 +324,40 @@ async fn a_postgres_outage_serves_what_the_cache_holds_for_a_bounded_time_and_fa
     assert_eq!(ask(&mut bare, 1).await.unwrap_err().code(), Code::Unavailable);
 
     // The stale window is bounded: then NOT_SERVING, and nothing is served.
-    eventually(Duration::from_secs(40), || async { (health(address).await == ServingStatus::NotServing).then_some(()) })
+    for (client, address) in [(&client, address), (&memory, memory_address)] {
+        eventually(Duration::from_secs(40), || async { (health(address).await == ServingStatus::NotServing).then_some(()) })
+            .await
+            .expect("NOT_SERVING once the stale window has passed");
+        eventually(Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move { ask(&mut client, 1).await.err().filter(|s| s.code() == Code::Unavailable) }
+        })
         .await
-        .expect("NOT_SERVING once the stale window has passed");
-    eventually(Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move { ask(&mut client, 1).await.err().filter(|s| s.code() == Code::Unavailable) }
-    })
-    .await
-    .expect("stale entries are not served past their window");
+        .expect("stale entries are not served past their window");
+    }
 
     services(&["pg-start", dir_arg]);
     eventually(Duration::from_secs(30), || async {
-        (health(address).await == ServingStatus::Serving && health(bare_address).await == ServingStatus::Serving).then_some(())
+        let all = [address, memory_address, bare_address];
+        let mut serving = true;
+        for address in all {
+            serving &=
+                health(address).await == ServingStatus::Serving && health_of(address, "freshet.store").await == ServingStatus::Serving;
+        }
+        serving.then_some(())
     })
     .await
     .expect("SERVING again once Postgres is back");
-    let back = eventually(Duration::from_secs(10), || {
-        let mut client = client.clone();
-        async move { ask(&mut client, 1).await.ok() }
-    })
-    .await
-    .unwrap();
-    assert_eq!((value(&back), back.stale_cache_age), ("cached".to_string(), None));
-    assert_eq!(ask(&mut client, 2).await.unwrap().results[0].values[0].status(), FeatureStatus::NotFound);
+    for client in [&client, &memory] {
+        let back = eventually(Duration::from_secs(10), || {
+            let mut client = client.clone();
+            async move { ask(&mut client, 1).await.ok() }
+        })
+        .await
+        .unwrap();
+        assert_eq!((value(&back), back.stale_cache_age), ("cached".to_string(), None));
+        assert_eq!(ask(&mut client.clone(), 2).await.unwrap().results[0].values[0].status(), FeatureStatus::NotFound);
+    }
     assert_eq!(value(&ask(&mut bare, 1).await.unwrap()), "cached");
     services(&["stop", dir_arg]);
 }

@@ -77,7 +77,11 @@ async fn ingest_and_server_metrics_move_with_records_and_calls() {
     assert_eq!(m.get("freshet_server_calls_total{method=\"GetFeatures\",code=\"0\"}"), Some(&3.0), "{m:?}");
     assert_eq!(m.get("freshet_server_calls_total{method=\"GetFeatures\",code=\"3\"}"), Some(&1.0), "{m:?}");
     assert_eq!(m.get("freshet_server_call_duration_seconds_count{method=\"GetFeatures\"}"), Some(&4.0));
-    assert_eq!(m.get("freshet_server_cache_reads_total{outcome=\"bypassed\"}"), Some(&3.0));
+    // The first read goes to Postgres (no Redis here); later ones may be
+    // answered from the hot tier in memory.
+    let (bypassed, hot) =
+        (m["freshet_server_cache_reads_total{outcome=\"bypassed\"}"], m["freshet_server_cache_reads_total{outcome=\"hot\"}"]);
+    assert!(bypassed >= 1.0 && bypassed + hot == 3.0, "{m:?}");
     assert_eq!(m.get("freshet_server_in_flight_calls"), Some(&0.0));
 }
 

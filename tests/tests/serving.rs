@@ -348,7 +348,9 @@ async fn a_big_request_within_the_limits_keeps_its_deadline() {
     // them, here and now (its own measure: the client's decoding is not in it).
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let (_roomy, address) = server(&path, &url, &["--default-deadline-ms", "60000", "--metrics-listen", &listen]);
+    // Both servers read the store (no hot tier), so that what sets the two
+    // apart is the evaluation.
+    let (_roomy, address) = server(&path, &url, &["--default-deadline-ms", "60000", "--metrics-listen", &listen, "--hot-cache-bytes", "0"]);
     let mut client = connect(address).await;
     let answer = client.get_features(request()).await.unwrap().into_inner();
     assert_eq!(answer.results.len(), 1000);
@@ -368,7 +370,7 @@ async fn a_big_request_within_the_limits_keeps_its_deadline() {
     // A deadline that passes halfway through the evaluation: the call must
     // end DEADLINE_EXCEEDED, not answer late.
     let deadline = (read + (whole - read) / 2).as_millis().max(1).to_string();
-    let (_tight, address) = server(&path, &url, &["--default-deadline-ms", &deadline]);
+    let (_tight, address) = server(&path, &url, &["--default-deadline-ms", &deadline, "--hot-cache-bytes", "0"]);
     let mut client = connect(address).await;
     let status = client.get_features(request()).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?} (reading took {read:?}, answering {whole:?}, deadline {deadline} ms)");
