@@ -110,14 +110,17 @@ impl Load {
     /// Calls answered per second with `callers` callers back to back for `phase`.
     pub async fn closed_loop(&self, callers: usize, phase: Duration) -> f64 {
         let end = Instant::now() + phase;
+        // Callers start spread over the requests, so together they touch
+        // all of them, as the open loop does, not one small working set.
+        let stride = self.0.requests.len() / callers.max(1);
         let tasks: Vec<_> = (0..callers)
             .map(|c| {
                 let load = self.clone();
                 tokio::spawn(async move {
-                    let mut n = 0;
+                    let mut n = c * stride;
                     let mut answered = 0;
                     while Instant::now() < end {
-                        answered += usize::from(load.call(c * 1_000_003 + n).await == Outcome::Admitted);
+                        answered += usize::from(load.call(n).await == Outcome::Admitted);
                         n += 1;
                     }
                     answered

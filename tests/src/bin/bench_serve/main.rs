@@ -106,8 +106,10 @@ impl Cores {
 /// Where GetFeatures reads come from.
 #[derive(Clone, Copy)]
 enum Mode {
-    /// The in-memory hot tier, warm, in front of Redis.
+    /// The in-memory hot tier at its default size, warm, in front of Redis.
     Hot,
+    /// The same, sized to hold every user: the in-memory path alone.
+    HotHoldingAll,
     /// Redis warm, no hot tier.
     Redis,
     /// No Redis, no hot tier: every read from Postgres.
@@ -118,19 +120,24 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Hot => "hot tier (warm)",
+            Mode::HotHoldingAll => "hot tier holding all (1 GiB)",
             Mode::Redis => "Redis only (warm)",
             Mode::Postgres => "Postgres only",
         }
     }
 
-    /// Server arguments; `hot_tier` says whether the server has one to turn off.
-    fn args(self, redis: &str, prefix: &str, hot_tier: bool, max_in_flight: usize) -> Vec<String> {
+    /// Server arguments; `hot_tier` says whether the server has one to turn
+    /// off. Each server gets Redis keys of its own, which it warms itself.
+    fn args(self, redis: &str, hot_tier: bool, max_in_flight: usize) -> Vec<String> {
         let mut args: Vec<String> = vec!["--max-in-flight".into(), max_in_flight.to_string()];
         if !matches!(self, Mode::Postgres) {
-            args.extend(["--redis-url", redis, "--cache-prefix", prefix, "--cache-ttl-ms", "600000"].map(String::from));
+            let prefix = unique("bench");
+            args.extend(["--redis-url", redis, "--cache-prefix", prefix.as_str(), "--cache-ttl-ms", "600000"].map(String::from));
         }
-        if hot_tier && !matches!(self, Mode::Hot) {
-            args.extend(["--hot-cache-bytes", "0"].map(String::from));
+        match self {
+            Mode::HotHoldingAll => args.extend(["--hot-cache-bytes", "1073741824"].map(String::from)),
+            Mode::Redis | Mode::Postgres if hot_tier => args.extend(["--hot-cache-bytes", "0"].map(String::from)),
+            _ => {}
         }
         args
     }
@@ -265,6 +272,14 @@ fn cpu_cells(cpu: &Cpu) -> String {
     format!("{:.1} | {:.1} | {:.1}", cpu.server, cpu.redis, cpu.postgres)
 }
 
+/// What a row is about: the system and its mode, the call, the generator.
+#[derive(Clone, Copy)]
+struct Row<'a> {
+    who: &'a str,
+    call: &'a str,
+    generator: &'a str,
+}
+
 /// The two tables every case adds a row to.
 #[derive(Default)]
 struct Tables {
@@ -273,13 +288,13 @@ struct Tables {
 }
 
 impl Tables {
-    fn capacity(&mut self, who: &str, call: &str, generator: &str, rate: f64, empty: Option<f64>, delta: &Delta) {
+    fn capacity(&mut self, Row { who, call, generator }: Row, rate: f64, empty: Option<f64>, delta: &Delta) {
         let share = empty.map_or("-".into(), |e| format!("{:.0}%", 100.0 * rate / e));
         self.capacity.push(format!("| {who} | {call} | {generator} | {rate:.0} | {share} | {} | {} |", cpu_cells(&delta.cpu), delta.reads));
         eprintln!("{}", self.capacity.last().unwrap());
     }
 
-    fn latency(&mut self, who: &str, call: &str, generator: &str, rate: f64, client: [String; 3], slip: String, delta: &Delta) {
+    fn latency(&mut self, Row { who, call, generator }: Row, rate: f64, client: [String; 3], slip: String, delta: &Delta) {
         let server = delta.server.as_ref().map_or(["-".into(), "-".into(), "-".into()], |h| [0.5, 0.99, 0.999].map(|q| h.quantile_ms(q)));
         self.latency.push(format!(
             "| {who} | {call} | {generator} | {rate:.0} | {} | {slip} | {} | {} | {} |",
@@ -318,12 +333,13 @@ impl Tables {
 /// generator; returns the capacity.
 async fn own_case(tables: &mut Tables, server: &Server, who: &str, call: &str, load: &Load, path: &str, empty: Option<f64>) -> f64 {
     eprintln!("bench_serve: {who}, {call}, project generator");
+    let row = Row { who, call, generator: "project's" };
     load.closed_loop(4, PHASE / 2).await;
     let before = server.snapshot().await;
     let capacity = load.closed_loop(CALLERS, PHASE).await;
     let after = server.snapshot().await;
     let delta = before.until(&after, path, (capacity * PHASE.as_secs_f64()) as usize);
-    tables.capacity(who, call, "project's", capacity, empty, &delta);
+    tables.capacity(row, capacity, empty, &delta);
 
     let before = server.snapshot().await;
     let samples = load.open_loop(capacity / 2.0, PHASE).await;
@@ -336,36 +352,26 @@ async fn own_case(tables: &mut Tables, server: &Server, who: &str, call: &str, l
     let latency = sorted(&samples, Outcome::Admitted, |s| s.latency);
     let slip = sorted(&samples, Outcome::Admitted, |s| s.slip);
     let client = [0.5, 0.99, 0.999].map(|p| pct(&latency, p));
-    tables.latency(who, call, "project's", capacity / 2.0, client, pct(&slip, 0.99), &delta);
+    tables.latency(row, capacity / 2.0, client, pct(&slip, 0.99), &delta);
     capacity
 }
 
 /// The same with ghz; returns the capacity it reached.
-#[allow(clippy::too_many_arguments)]
-async fn ghz_case(
-    tables: &mut Tables,
-    server: &Server,
-    ghz: &ghz::Ghz,
-    who: &str,
-    call: &str,
-    data: &Path,
-    path: &str,
-    empty: Option<f64>,
-) -> f64 {
-    eprintln!("bench_serve: {who}, {call}, ghz");
+async fn ghz_case(tables: &mut Tables, server: &Server, ghz: &ghz::Ghz, row: Row<'_>, data: &Path, path: &str, empty: Option<f64>) -> f64 {
+    eprintln!("bench_serve: {}, {}, ghz", row.who, row.call);
     let method = path.trim_start_matches('/').replace('/', ".");
     let address = server.address.to_string();
     let before = server.snapshot().await;
     let run = ghz.closed_loop(&address, &method, data, CALLERS, PHASE).await;
     let after = server.snapshot().await;
-    tables.capacity(who, call, "ghz", run.rate, empty, &with_failures(before.until(&after, path, run.calls), &run));
+    tables.capacity(row, run.rate, empty, &with_failures(before.until(&after, path, run.calls), &run));
     let capacity = run.rate;
 
     let before = server.snapshot().await;
     let run = ghz.open_loop(&address, &method, data, capacity / 2.0, PHASE).await;
     let after = server.snapshot().await;
     let client = [0.5, 0.99, 0.999].map(|p| pct(&run.latencies, p));
-    tables.latency(who, call, "ghz", run.rate, client, "-".into(), &with_failures(before.until(&after, path, run.calls), &run));
+    tables.latency(row, run.rate, client, "-".into(), &with_failures(before.until(&after, path, run.calls), &run));
     capacity
 }
 
@@ -436,6 +442,21 @@ async fn overload(server: &Server, load: &Load, shape: Shape) -> String {
     )
 }
 
+/// What the hot tier holds, from its gauges.
+fn hot_tier_held(metrics: &Metrics) -> String {
+    let gauge = |name: &str| metrics.get(name).copied();
+    match (
+        gauge("freshet_server_hot_cache_entries"),
+        gauge("freshet_server_hot_cache_bytes"),
+        gauge("freshet_server_hot_cache_capacity_bytes"),
+    ) {
+        (Some(entries), Some(bytes), Some(capacity)) if capacity > 0.0 => {
+            format!("{entries:.0} entries, {:.1} of {:.1} MiB", bytes / 1048576.0, capacity / 1048576.0)
+        }
+        _ => "none".into(),
+    }
+}
+
 fn server_has_hot_tier() -> bool {
     let out = std::process::Command::new(freshet_tests::binary("freshet-server")).args(["serve", "--help"]).output().unwrap();
     String::from_utf8_lossy(&out.stdout).contains("--hot-cache-bytes")
@@ -454,10 +475,10 @@ async fn main() {
     eprintln!("bench_serve: storing {USERS} users");
     load_states(&url, &catalog).await;
     let redis = env("FRESHET_REDIS_URL");
-    let prefix = unique("bench");
     let stores = Processes { server: 0, redis: pid_from_env("BENCH_REDIS_PID"), postgres: pid_from_env("BENCH_POSTGRES_PID") };
     let hot_tier = server_has_hot_tier();
-    let modes: &[Mode] = if hot_tier { &[Mode::Hot, Mode::Redis, Mode::Postgres] } else { &[Mode::Redis, Mode::Postgres] };
+    let modes: &[Mode] =
+        if hot_tier { &[Mode::Hot, Mode::HotHoldingAll, Mode::Redis, Mode::Postgres] } else { &[Mode::Redis, Mode::Postgres] };
     let ghz = ghz::Ghz::from_env(&cores.load);
     let requests: Vec<Vec<Bytes>> = SHAPES.iter().map(|s| prepared(*s)).collect();
     let ghz_data: Option<(std::path::PathBuf, Vec<std::path::PathBuf>)> = ghz.as_ref().map(|g| {
@@ -467,10 +488,12 @@ async fn main() {
     });
 
     let mut tables = Tables::default();
+    let mut hot_tier_notes = Vec::new();
     for &mode in modes {
-        let server = Server::start(&views, &url, &mode.args(&redis, &prefix, hot_tier, 10_000), &[], &cores, stores);
+        let server = Server::start(&views, &url, &mode.args(&redis, hot_tier, 10_000), &[], &cores, stores);
         let channels = load::connect(server.address).await;
         warm_and_check(channels[0].clone()).await;
+        hot_tier_notes.push(format!("{}: {}", mode.name(), hot_tier_held(&server.snapshot().await.metrics)));
         let empty = Load::new(&channels, HEALTH, vec![Bytes::new()]);
         let empty_capacity = own_case(&mut tables, &server, mode.name(), "empty RPC", &empty, HEALTH, None).await;
         for (shape, requests) in SHAPES.iter().zip(&requests) {
@@ -478,9 +501,10 @@ async fn main() {
             own_case(&mut tables, &server, mode.name(), shape.name, &load, GET_FEATURES, Some(empty_capacity)).await;
         }
         if let (Some(ghz), Some((empty, data))) = (&ghz, &ghz_data) {
-            let empty_capacity = ghz_case(&mut tables, &server, ghz, mode.name(), "empty RPC", empty, HEALTH, None).await;
+            let row = |call| Row { who: mode.name(), call, generator: "ghz" };
+            let empty_capacity = ghz_case(&mut tables, &server, ghz, row("empty RPC"), empty, HEALTH, None).await;
             for (shape, data) in SHAPES.iter().zip(data) {
-                ghz_case(&mut tables, &server, ghz, mode.name(), shape.name, data, GET_FEATURES, Some(empty_capacity)).await;
+                ghz_case(&mut tables, &server, ghz, row(shape.name), data, GET_FEATURES, Some(empty_capacity)).await;
             }
         }
     }
@@ -510,15 +534,16 @@ async fn main() {
             let who = "Feast, 1 worker, Redis";
             let errors = |run: &feast::Run| if run.errors.is_empty() { "-".to_string() } else { format!("wrk: {}", run.errors) };
             let delta = |run: &feast::Run| Delta { cpu: run.cpu, server: None, reads: errors(run) };
-            tables.capacity(who, shape.name, "wrk, 8 connections", busy.rate, None, &delta(&busy));
+            tables.capacity(Row { who, call: shape.name, generator: "wrk, 8 connections" }, busy.rate, None, &delta(&busy));
             let client = [light.p50.clone(), light.p99.clone(), "-".into()];
-            tables.latency(who, shape.name, "wrk, 1 connection (closed loop)", light.rate, client, "-".into(), &delta(&light));
+            let row = Row { who, call: shape.name, generator: "wrk, 1 connection (closed loop)" };
+            tables.latency(row, light.rate, client, "-".into(), &delta(&light));
         }
     }
 
     // Overload: the best mode this server has, limited to 8 calls in flight.
     let best = modes[0];
-    let args = best.args(&redis, &prefix, hot_tier, 8);
+    let args = best.args(&redis, hot_tier, 8);
     let server = Server::start(&views, &url, &args, &[], &cores, stores);
     let channels = load::connect(server.address).await;
     warm_and_check(channels[0].clone()).await;
@@ -534,7 +559,7 @@ async fn main() {
     let (collector, endpoint) = freshet_tests::start_collector().await;
     let exporting = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "200")];
     for (name, vars) in [("tracing off", &[][..]), ("tracing on, every span exported", &exporting[..])] {
-        let args = Mode::Postgres.args(&redis, &prefix, hot_tier, 10_000);
+        let args = Mode::Postgres.args(&redis, hot_tier, 10_000);
         let server = Server::start(&views, &url, &args, vars, &cores, stores);
         let channels = load::connect(server.address).await;
         let load = Load::new(&channels, GET_FEATURES, requests[0].clone());
@@ -553,6 +578,7 @@ async fn main() {
     if !feast_version.is_empty() {
         println!("Feast: {feast_version}, `feast serve` on CPU {}, wrk and its Redis on CPU {}", cores.server, cores.load);
     }
+    println!("Hot tier after every user was read once: {}", hot_tier_notes.join("; "));
     println!();
     tables.print();
     println!();
