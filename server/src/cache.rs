@@ -20,6 +20,12 @@
 //! from their remaining time to live): an entry past its TTL is refreshed
 //! like a miss, but while Postgres cannot be reached it is still served,
 //! and the answer says so. Past `ttl + stale_for` it is gone.
+//!
+//! A slow Redis costs one call, not the server: each read waits at most a
+//! budget sized to it ([`budget`]: a base plus a share per row, never more
+//! than half the time the call has left), then that call reads Postgres
+//! instead. Only Redis *failing* (errors, not slowness) marks the cache
+//! degraded.
 
 use std::{
     sync::{
@@ -67,6 +73,21 @@ pub struct Cache {
     metrics: Arc<ServerMetrics>,
 }
 
+/// The longest any Redis command is waited for: fills and invalidations,
+/// which no caller waits on, and the connection itself.
+const BACKSTOP: Duration = Duration::from_secs(1);
+
+/// What a read of `rows` may wait for Redis: enough to carry their states
+/// on a busy Redis (a base, plus a share per row, as big reads take
+/// longer), and never more than half of what the call has `left`, so that
+/// Postgres still has time to answer instead.
+pub fn budget(rows: usize, left: Option<Duration>) -> Duration {
+    const BASE: Duration = Duration::from_millis(25);
+    const PER_ROW: Duration = Duration::from_micros(500);
+    let sized = BASE + PER_ROW * rows.min(100_000) as u32;
+    left.map_or(sized, |left| sized.min(left / 2))
+}
+
 /// Sets the entry only if the generation is unchanged since the read.
 const FILL: &str =
     "if (redis.call('GET', KEYS[2]) or '') == ARGV[2] then return redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3]) end return 0";
@@ -81,8 +102,9 @@ impl Cache {
     ) -> redis::RedisResult<Cache> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            // A slow cache is worse than none: give up quickly and use Postgres.
-            .set_response_timeout(Some(Duration::from_millis(50)))
+            // Calls time their own reads out (`budget`); this only bounds
+            // what a connection keeps waiting for.
+            .set_response_timeout(Some(BACKSTOP))
             .set_connection_timeout(Some(Duration::from_millis(200)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(500));
@@ -98,30 +120,42 @@ impl Cache {
         format!("{}:g:{view}:{entity}", self.prefix)
     }
 
-    /// Looks `rows` up in one round trip.
-    pub async fn get(&self, rows: &[&RowKey]) -> redis::RedisResult<Vec<Lookup>> {
+    /// Looks `rows` up in one round trip, waiting at most `budget`; `None`
+    /// if Redis failed or took longer.
+    pub async fn get(&self, rows: &[&RowKey], budget: Duration) -> Option<Vec<Lookup>> {
         let mut pipe = redis::pipe();
         for row in rows {
             let key = self.state_key(row);
             pipe.get(&key).pttl(&key).get(self.generation_key(row));
         }
-        let values: Vec<(Option<Vec<u8>>, i64, Option<String>)> = self.observe(pipe.query_async(&mut self.redis.clone()).await)?;
+        let mut redis = self.redis.clone();
+        let values: Vec<(Option<Vec<u8>>, i64, Option<String>)> = match tokio::time::timeout(budget, pipe.query_async(&mut redis)).await {
+            Ok(result) => self.observe(result).ok()?,
+            Err(_) => {
+                tracing::debug!(?budget, rows = rows.len(), "Redis slower than this call's budget: reading Postgres");
+                return None;
+            }
+        };
         let lifetime = self.ttl + self.stale_for;
-        Ok(values
-            .into_iter()
-            .map(|(bytes, remaining_ms, generation)| {
-                let entry = bytes.and_then(|bytes| match bytes.is_empty() {
-                    true => Some(None),
-                    false => codec::decode(&bytes).ok().map(|state| Some(Arc::new(state))),
-                });
-                // PTTL: -1 for a key without expiry (not one of ours), -2 for none.
-                let age = lifetime.saturating_sub(Duration::from_millis(remaining_ms.max(0) as u64));
-                match entry {
-                    Some(entry) if remaining_ms == -1 || age < self.ttl => Lookup::Fresh { entry, age },
-                    stale => Lookup::Refresh { generation: generation.unwrap_or_default(), stale: stale.map(|entry| Stale { entry, age }) },
-                }
-            })
-            .collect())
+        Some(
+            values
+                .into_iter()
+                .map(|(bytes, remaining_ms, generation)| {
+                    let entry = bytes.and_then(|bytes| match bytes.is_empty() {
+                        true => Some(None),
+                        false => codec::decode(&bytes).ok().map(|state| Some(Arc::new(state))),
+                    });
+                    // PTTL: -1 for a key without expiry (not one of ours), -2 for none.
+                    let age = lifetime.saturating_sub(Duration::from_millis(remaining_ms.max(0) as u64));
+                    match entry {
+                        Some(entry) if remaining_ms == -1 || age < self.ttl => Lookup::Fresh { entry, age },
+                        stale => {
+                            Lookup::Refresh { generation: generation.unwrap_or_default(), stale: stale.map(|entry| Stale { entry, age }) }
+                        }
+                    }
+                })
+                .collect(),
+        )
     }
 
     /// Fills missed rows (row, generation seen before the read, state or
@@ -148,8 +182,10 @@ impl Cache {
         }
         let cache = self.clone();
         tokio::spawn(async move {
-            let result: redis::RedisResult<()> = pipe.query_async(&mut cache.redis.clone()).await;
-            let _ = cache.observe(result);
+            let mut redis = cache.redis.clone();
+            if let Ok(result) = tokio::time::timeout(BACKSTOP, pipe.query_async::<()>(&mut redis)).await {
+                let _ = cache.observe(result);
+            }
         });
     }
 
@@ -165,9 +201,13 @@ impl Cache {
         self.observe(result)
     }
 
-    pub async fn ping(&self) -> bool {
-        let result: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut self.redis.clone()).await;
-        self.observe(result).is_ok()
+    /// Whether Redis answers within `limit`; failing marks it degraded.
+    pub async fn ping(&self, limit: Duration) -> bool {
+        let mut redis = self.redis.clone();
+        match tokio::time::timeout(limit, redis::cmd("PING").query_async::<String>(&mut redis)).await {
+            Ok(result) => self.observe(result).is_ok(),
+            Err(_) => false,
+        }
     }
 
     fn observe<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
@@ -180,5 +220,21 @@ impl Cache {
             }
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_waits_by_its_size_within_half_the_calls_time() {
+        let one = budget(1, None);
+        let hundred = budget(100, None);
+        assert!(one >= Duration::from_millis(25) && hundred > one, "{one:?} {hundred:?}");
+        assert_eq!(budget(100, Some(Duration::from_millis(40))), Duration::from_millis(20), "half of what is left");
+        assert_eq!(budget(1, Some(Duration::from_secs(1))), one, "sized by the read when time allows");
+        assert_eq!(budget(1, Some(Duration::ZERO)), Duration::ZERO);
+        assert!(budget(usize::MAX, None) < Duration::from_secs(60));
     }
 }

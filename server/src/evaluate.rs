@@ -1,5 +1,7 @@
 //! Evaluating a planned request against the states read for it: every
 //! feature as of the moment of answering, `max_age` enforced on the server.
+//! Each (entity, window) is combined once, in one pass over its tiles, and
+//! the features that read it (count, sum, avg…) take their values from it.
 //!
 //! A big request is a lot of work that awaits nothing, and the deadline
 //! layer's timer cannot interrupt work that does not yield. So the loop runs
@@ -10,7 +12,7 @@
 use std::time::Duration;
 
 use freshet_proto::v1::{FeatureStatus, FeatureValue, Value, value::Kind};
-use freshet_store::state::{Reading, Scalar};
+use freshet_store::state::{Reading, Scalar, Window};
 use tonic::Status;
 
 use crate::{reader::Rows, request::Plan, service::timestamp};
@@ -29,13 +31,27 @@ pub async fn evaluate(
     let max_ages: Vec<Duration> = plan.views.iter().map(|v| plan.max_age.map_or(v.max_age, |m| m.min(v.max_age))).collect();
     let mut rows = Vec::with_capacity(plan.entities.len());
     let mut since_check = 0;
+    // Each window once per entity, shared by the features that read it.
+    let mut totals = vec![Window::EMPTY; plan.windows.len()];
     for e in 0..plan.entities.len() {
+        for (total, &(v, series, window_ms)) in totals.iter_mut().zip(&plan.windows) {
+            if let Some(state) = states.get(v, e) {
+                *total = state.window(series, window_ms, now_ms);
+            }
+        }
         rows.push(
             plan.columns
                 .iter()
-                .map(|&(v, feature)| match states.get(v, e) {
-                    None => FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None },
-                    Some(state) => feature_value(state.read(feature, now_ms), max_ages[v], now_ms),
+                .zip(&plan.column_windows)
+                .map(|(&(v, feature), window)| {
+                    let Some(state) = states.get(v, e) else {
+                        return FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None };
+                    };
+                    let reading = match window {
+                        Some(w) => state.windowed(feature, &totals[*w]),
+                        None => state.read(feature, now_ms),
+                    };
+                    feature_value(reading, max_ages[v], now_ms)
                 })
                 .collect(),
         );
@@ -124,6 +140,28 @@ mod tests {
             max_age: None,
         };
         (c, request, states)
+    }
+
+    /// Features of one window share its one combination, and read what
+    /// each would read alone.
+    #[tokio::test]
+    async fn features_of_one_window_share_it_and_read_as_alone() {
+        let (c, mut request, states) = big_request();
+        let features =
+            ["orders:spend_1h", "orders:orders_1h", "orders:max_order_1h", "orders:avg_order_1h", "orders:items_1h", "orders:last_express"];
+        request.features = features.iter().map(|f| f.to_string()).collect();
+        let plan = plan(&c, &request, LIMITS).unwrap();
+        // amount over 1 h (sum, max, avg), all events over 1 h, items over 1 h.
+        assert_eq!(plan.windows.len(), 3);
+        assert_eq!(plan.column_windows[0], plan.column_windows[2]);
+        assert_eq!(plan.column_windows[5], None, "last values have no window");
+        let now = 1_000_500;
+        let rows = evaluate(&plan, &states, now, || false).await.unwrap();
+        let state = states.get(0, 1).unwrap();
+        for (column, &(_, feature)) in plan.columns.iter().enumerate() {
+            let alone = feature_value(state.read(feature, now), Duration::from_secs(86_400), now);
+            assert_eq!(rows[1][column], alone, "{}", feature.name);
+        }
     }
 
     const LIMITS: Limits = Limits { max_features: 10, max_entities: 10_000, max_values: 100_000 };

@@ -84,7 +84,7 @@ impl Caches {
             return true;
         }
         match &self.redis {
-            Some(cache) => cache.ping().await,
+            Some(cache) => cache.ping(PROBE_EVERY).await,
             None => false,
         }
     }

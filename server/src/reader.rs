@@ -89,8 +89,13 @@ struct Wanted {
 
 impl Reader {
     /// The states of `views` × `entities` (entities distinct), and where
-    /// they came from.
-    pub async fn read(&self, views: &[&FeatureView], entities: &[String]) -> Result<(Rows, CacheOutcome), Status> {
+    /// they came from; `deadline` is the call's.
+    pub async fn read(
+        &self,
+        views: &[&FeatureView],
+        entities: &[String],
+        deadline: Option<Instant>,
+    ) -> Result<(Rows, CacheOutcome), Status> {
         let mut states: Vec<Entry> = vec![None; views.len() * entities.len()];
         let mut wanted = Vec::new();
         for (v, view) in views.iter().enumerate() {
@@ -109,19 +114,20 @@ impl Reader {
         }
         let outcome = match wanted.is_empty() {
             true => CacheOutcome::Hot,
-            false => self.read_through(&mut states, wanted).await?,
+            false => self.read_through(&mut states, wanted, deadline).await?,
         };
         Ok((Rows::new(states, entities.len()), outcome))
     }
 
     /// Reads `wanted` from Redis, then Postgres.
-    async fn read_through(&self, states: &mut [Entry], wanted: Vec<Wanted>) -> Result<CacheOutcome, Status> {
+    async fn read_through(&self, states: &mut [Entry], wanted: Vec<Wanted>, deadline: Option<Instant>) -> Result<CacheOutcome, Status> {
         let total = wanted.len();
         let lookups = match &self.cache {
             Some(cache) => {
                 let rows: Vec<&RowKey> = wanted.iter().map(|w| &w.row).collect();
                 let span = tracing::info_span!("redis.get", db.system.name = "redis", rows = rows.len());
-                cache.get(&rows).instrument(span).await.ok()
+                let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+                cache.get(&rows, crate::cache::budget(rows.len(), left)).instrument(span).await
             }
             None => None,
         };

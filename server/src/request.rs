@@ -29,6 +29,12 @@ pub struct Limits {
 pub struct Plan<'a> {
     /// Requested features in request order, with the index of their view in `views`.
     pub columns: Vec<(usize, &'a Feature)>,
+    /// The distinct windows the columns read, as (view index, series key,
+    /// window in ms): each is combined once per entity, however many
+    /// features (count, sum, avg…) read it.
+    pub windows: Vec<(usize, &'a str, i64)>,
+    /// For each column, its window in `windows` (`None` for `last`).
+    pub column_windows: Vec<Option<usize>>,
     pub views: Vec<&'a FeatureView>,
     /// Canonical keys of the distinct entities, in order of first request.
     pub entities: Vec<String>,
@@ -81,7 +87,8 @@ pub fn plan<'a>(catalog: &'a Catalog, request: &GetFeaturesRequest, limits: Limi
         Some(d) if d.nanos >= 1_000_000_000 => return Err(invalid("max_age", "nanos must be below 1,000,000,000")),
         Some(d) => Some(Duration::new(d.seconds as u64, d.nanos as u32)),
     };
-    Ok(Plan { columns, views, entities, rows, max_age })
+    let (windows, column_windows) = windows_of(&columns);
+    Ok(Plan { columns, windows, column_windows, views, entities, rows, max_age })
 }
 
 /// The views a GetFreshness request names (all for none): each known, none
@@ -111,24 +118,25 @@ fn resolve_features<'a>(catalog: &'a Catalog, references: &[String]) -> Result<C
     let mut columns = Vec::with_capacity(references.len());
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(references.len());
     for (i, reference) in references.iter().enumerate() {
-        let field = format!("features[{i}]");
+        // Built only for an error: most calls have none.
+        let field = || format!("features[{i}]");
         if let Some(first) = seen.insert(reference, i) {
-            return Err(invalid(&field, &format!("repeats features[{first}]; ask for each feature once")));
+            return Err(invalid(&field(), &format!("repeats features[{first}]; ask for each feature once")));
         }
         let (view_name, feature_name) = reference
             .split_once(':')
             .filter(|(v, f)| !v.is_empty() && !f.is_empty())
-            .ok_or_else(|| invalid(&field, &format!("{} is not a reference of the form \"view:feature\"", quoted(reference))))?;
-        let view = catalog.view(view_name).ok_or_else(|| invalid(&field, &format!("unknown feature view {}", quoted(view_name))))?;
+            .ok_or_else(|| invalid(&field(), &format!("{} is not a reference of the form \"view:feature\"", quoted(reference))))?;
+        let view = catalog.view(view_name).ok_or_else(|| invalid(&field(), &format!("unknown feature view {}", quoted(view_name))))?;
         let feature = view
             .feature(feature_name)
-            .ok_or_else(|| invalid(&field, &format!("view {:?} has no feature {}", view.name, quoted(feature_name))))?;
-        let index = match views.iter().position(|v| v.name == view.name) {
+            .ok_or_else(|| invalid(&field(), &format!("view {:?} has no feature {}", view.name, quoted(feature_name))))?;
+        let index = match views.iter().position(|v| std::ptr::eq(*v, view)) {
             Some(index) => index,
             None => {
                 if let Some(first) = views.first().filter(|first| first.entity_type != view.entity_type) {
                     return Err(invalid(
-                        &field,
+                        &field(),
                         &format!(
                             "view {:?} is keyed by {}, but view {:?} by {}",
                             view.name,
@@ -145,6 +153,26 @@ fn resolve_features<'a>(catalog: &'a Catalog, references: &[String]) -> Result<C
         columns.push((index, feature));
     }
     Ok((columns, views))
+}
+
+type Windows<'a> = (Vec<(usize, &'a str, i64)>, Vec<Option<usize>>);
+
+/// The distinct windows `columns` read, and each column's.
+fn windows_of<'a>(columns: &[(usize, &'a Feature)]) -> Windows<'a> {
+    let mut windows = Vec::new();
+    let mut index: HashMap<(usize, &str, i64), usize> = HashMap::new();
+    let column_windows = columns
+        .iter()
+        .map(|&(view, feature)| {
+            let (Some(series), Some(window)) = (feature.series.as_deref(), feature.window) else { return None };
+            let window = (view, series, window.as_millis() as i64);
+            Some(*index.entry(window).or_insert_with(|| {
+                windows.push(window);
+                windows.len() - 1
+            }))
+        })
+        .collect();
+    (windows, column_windows)
 }
 
 /// The text form of a key, as ingest stores it.

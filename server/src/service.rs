@@ -45,7 +45,7 @@ impl FeatureService for Features {
         let request = request.into_inner();
         let plan = request::plan(&self.catalog, &request, self.limits)?;
         let now_ms = now_ms();
-        let (states, cache) = self.reader.read(&plan.views, &plan.entities).await?;
+        let (states, cache) = self.reader.read(&plan.views, &plan.entities, deadline.map(|d| d.into_std())).await?;
         let stale_cache_age = match cache {
             CacheOutcome::Stale(age) => Some(duration(age)),
             _ => None,

@@ -257,17 +257,31 @@ impl EntityState {
             };
         }
         let window_ms = feature.window.map(|w| w.as_millis() as i64).unwrap_or_default();
+        let total = feature.series.as_ref().map_or(Window::EMPTY, |key| self.window(key, window_ms, now_ms));
+        self.windowed(feature, &total)
+    }
+
+    /// The tiles of series `key` that a window of `window_ms` ending at
+    /// `now_ms` overlaps, combined in one pass: tiles are sorted by start,
+    /// so those too old are skipped by a binary search, not visited. Every
+    /// feature of that series and window reads from the one result.
+    pub fn window(&self, key: &str, window_ms: i64, now_ms: i64) -> Window {
+        let Some(tiles) = self.series.get(key) else { return Window::EMPTY };
         let width = tile_width_ms(window_ms);
-        let empty = Vec::new();
-        let tiles = feature.series.as_ref().and_then(|k| self.series.get(k)).unwrap_or(&empty);
-        let mut total = Tile { start_ms: 0, count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY, newest_ms: i64::MIN };
-        for tile in tiles.iter().filter(|t| t.start_ms + width > now_ms - window_ms) {
+        let first = tiles.partition_point(|t| t.start_ms + width <= now_ms - window_ms);
+        let mut total = Window::EMPTY;
+        for tile in &tiles[first..] {
             total.count += tile.count;
             total.sum += tile.sum;
             total.min = total.min.min(tile.min);
             total.max = total.max.max(tile.max);
             total.newest_ms = total.newest_ms.max(tile.newest_ms);
         }
+        total
+    }
+
+    /// What windowed `feature` reads as, given its window's `total`.
+    pub fn windowed(&self, feature: &Feature, total: &Window) -> Reading {
         let at_ms = if total.count > 0 { total.newest_ms } else { self.newest_ms };
         let typed = |x: f64| match feature.field_type {
             ValueType::Int64 => Scalar::Int(x.round() as i64),
@@ -280,10 +294,24 @@ impl EntityState {
             Aggregation::Min => typed(total.min),
             Aggregation::Max => typed(total.max),
             Aggregation::Avg => Scalar::Double(total.sum / total.count as f64),
-            Aggregation::Last => unreachable!("handled above"),
+            Aggregation::Last => unreachable!("not windowed"),
         };
         Reading::Value { value, at_ms }
     }
+}
+
+/// The tiles of one series inside one window, combined.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Window {
+    pub count: i64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub newest_ms: i64,
+}
+
+impl Window {
+    pub const EMPTY: Window = Window { count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY, newest_ms: i64::MIN };
 }
 
 fn update_tile(tiles: &mut Vec<Tile>, at_ms: i64, width: i64, value: f64, direction: Direction) {
@@ -427,6 +455,34 @@ type = "string"
         assert_eq!(value(&s, &view, "avg_1h", quiet), Reading::Value { value: Scalar::Double(10.0), at_ms: t0 + 4000 });
         // Past the hour, averages have nothing to say.
         assert_eq!(value(&s, &view, "avg_1h", t0 + 7_200_000), Reading::Null { at_ms: Some(t0 + 4000) });
+    }
+
+    /// A window is combined from exactly the tiles it overlaps, though the
+    /// older ones are skipped rather than visited.
+    #[test]
+    fn a_window_combines_exactly_the_tiles_it_overlaps() {
+        let view = view();
+        let mut s = EntityState::default();
+        let t0 = 1_000_000;
+        for i in 0..500 {
+            s.apply(&view, &event(t0 + i * 997, (i % 7) as f64, "a"), Direction::Add, true);
+        }
+        for feature in view.features.iter().filter(|f| f.series.is_some()) {
+            let (key, window_ms) = (feature.series.as_deref().unwrap(), feature.window.unwrap().as_millis() as i64);
+            let width = tile_width_ms(window_ms);
+            for now in [t0, t0 + 5_000, t0 + 250_000, t0 + 499 * 997, t0 + 600_000, t0 + 10_000_000] {
+                let mut naive = Window::EMPTY;
+                for t in s.series[key].iter().filter(|t| t.start_ms + width > now - window_ms) {
+                    naive.count += t.count;
+                    naive.sum += t.sum;
+                    naive.min = naive.min.min(t.min);
+                    naive.max = naive.max.max(t.max);
+                    naive.newest_ms = naive.newest_ms.max(t.newest_ms);
+                }
+                assert_eq!(s.window(key, window_ms, now), naive, "{} at {now}", feature.name);
+            }
+        }
+        assert_eq!(s.window("nope", 1000, t0), Window::EMPTY);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //!
 //! Logs go to stdout through `tracing`, filtered by `RUST_LOG` (default
 //! `info`), as JSON when `FRESHET_LOG_FORMAT=json`; lines logged inside a
-//! call or a commit carry its `trace_id` when tracing is on.
+//! call or a commit carry its `trace_id` when tracing is on. Spans reach the
+//! logs only when tracing is on or `RUST_LOG` is set: otherwise a span per
+//! call would cost each call for nothing.
 //!
 //! Traces (spans at `FRESHET_TRACE_FILTER`, default `info`, whatever
 //! `RUST_LOG` says) are exported with OTLP over gRPC when `OTEL_EXPORTER_OTLP_ENDPOINT`
@@ -16,13 +18,28 @@
 //! Trace context travels as W3C `traceparent`/`tracestate`, in Kafka record
 //! headers and in gRPC metadata; [`extract`] reads it from either.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::{
     Context,
     propagation::{Extractor, TextMapPropagator},
     trace::TracerProvider as _,
 };
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::{
+    EnvFilter, Layer as _,
+    filter::{FilterExt, filter_fn},
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+};
+
+/// Whether spans are exported (see [`exporting`]).
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported: trace context is worth extracting only then.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// Flushes buffered spans when dropped (at the end of `main`).
 pub struct Telemetry {
@@ -43,10 +60,14 @@ pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Erro
     // Each layer has its own filter: quieting logs (RUST_LOG=warn) must not
     // silence the traces an operator asked for.
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let json = std::env::var("FRESHET_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let logs =
-        if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() }.with_filter(filter);
     let endpoint = ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"].iter().any(|v| std::env::var_os(v).is_some());
+    EXPORTING.store(endpoint, Ordering::Relaxed);
+    // Spans reach the logs only when traced or asked for: otherwise every
+    // call would build one (fields formatted, registry slot taken) for no one.
+    let spans_in_logs = endpoint || std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty());
+    let json = std::env::var("FRESHET_LOG_FORMAT").is_ok_and(|f| f == "json");
+    let logs = if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() }
+        .with_filter(filter.and(filter_fn(move |meta| spans_in_logs || meta.is_event())));
     let provider = if endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
         let mut resource = Resource::builder();
@@ -58,9 +79,15 @@ pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Erro
         None
     };
     let span_filter = std::env::var("FRESHET_TRACE_FILTER").unwrap_or_else(|_| "info".into());
-    let traces =
-        provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)).with_filter(EnvFilter::new(span_filter)));
-    tracing_subscriber::registry().with(logs).with(traces).try_init()?;
+    let subscriber = tracing_subscriber::registry().with(logs);
+    // Not an absent (`None`) layer: it would enable every callsite its
+    // neighbours filter out, and each call would build spans nobody reads.
+    match &provider {
+        Some(p) => subscriber
+            .with(tracing_opentelemetry::layer().with_tracer(p.tracer(service)).with_filter(EnvFilter::new(span_filter)))
+            .try_init()?,
+        None => subscriber.try_init()?,
+    }
     Ok(Telemetry { provider })
 }
 

@@ -72,14 +72,21 @@ async fn comes_to_serve(client: &Client, expected: &str, limit: Duration) -> boo
     seen.await.is_some()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn cache_is_used_bypassed_when_redis_is_down_and_invalidated_by_commits() {
+/// A Redis of the test's own (to stop or slow down), and a database where
+/// user 1's value is "first".
+async fn own_redis() -> (tempfile_dir::Dir, String, String) {
     let dir = tempfile_dir::Dir::new();
-    let dir_arg = dir.path.to_str().unwrap();
-    services(&["start", "--only", "redis", dir_arg]);
+    services(&["start", "--only", "redis", dir.path.to_str().unwrap()]);
     let redis_url = service_env(&dir.path, "FRESHET_REDIS_URL");
     let url = fresh_database().await;
     write(&url, "first", false).await;
+    (dir, redis_url, url)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cache_is_used_bypassed_when_redis_is_down_and_invalidated_by_commits() {
+    let (dir, redis_url, url) = own_redis().await;
+    let dir_arg = dir.path.to_str().unwrap();
     let prefix = unique("cache");
     // Redis alone: the hot tier (tested below) would answer before it.
     let redis_only = ["--redis-url", &redis_url, "--cache-prefix", &prefix, "--cache-ttl-ms", "600000", "--hot-cache-bytes", "0"];
@@ -118,6 +125,58 @@ async fn cache_is_used_bypassed_when_redis_is_down_and_invalidated_by_commits() 
     })
     .await
     .expect("the cache is used again once Redis is back");
+    services(&["stop", dir_arg]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_redis_costs_the_calls_it_delays_not_the_cache() {
+    let (dir, redis_url, url) = own_redis().await;
+    let dir_arg = dir.path.to_str().unwrap();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let prefix = unique("slow");
+    let redis_only = ["--redis-url", &redis_url, "--cache-prefix", &prefix, "--hot-cache-bytes", "0", "--metrics-listen", &listen];
+    let (_server, address) = server(&reference_views(), &url, &redis_only);
+    let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let hits = || metric(port, "freshet_server_cache_reads_total{outcome=\"hit\"}");
+    let answered_by_redis = || {
+        let mut client = client.clone();
+        async move {
+            let before = hits().await;
+            assert_eq!(last_event_type(&mut client).await, "first");
+            (hits().await > before).then_some(())
+        }
+    };
+    eventually(Duration::from_secs(10), answered_by_redis).await.expect("user 1 is cached");
+
+    // Redis busy for 3 s (a script that spins: other clients wait, nothing
+    // fails), well past the 1 s deadline of calls: those it delays read
+    // Postgres instead, and answer in time.
+    let spin = "local s = tonumber(redis.call('TIME')[1]) while tonumber(redis.call('TIME')[1]) - s < 3 do end return 1";
+    let mut busy: Option<std::process::Child> = None;
+    eventually(Duration::from_secs(30), || {
+        if busy.as_mut().is_none_or(|b| b.try_wait().unwrap().is_some()) {
+            let redis_cli = std::process::Command::new("redis-cli")
+                .args(["-u", &redis_url, "EVAL", spin, "0"])
+                .stdout(std::process::Stdio::null())
+                .spawn();
+            busy = Some(redis_cli.expect("redis-cli comes with redis-server"));
+        }
+        let mut client = client.clone();
+        async move {
+            let before = metric(port, "freshet_server_cache_reads_total{outcome=\"bypassed\"}").await;
+            assert_eq!(last_event_type(&mut client).await, "first", "answered, within its deadline");
+            (metric(port, "freshet_server_cache_reads_total{outcome=\"bypassed\"}").await > before).then_some(())
+        }
+    })
+    .await
+    .expect("a call Redis delays past its budget is answered from Postgres");
+    // Slowness is not failure: the cache was never switched off, and once
+    // Redis is free, calls use it again.
+    assert_eq!(metric(port, "freshet_server_cache_degraded").await, 0.0);
+    busy.unwrap().wait().unwrap();
+    eventually(Duration::from_secs(10), answered_by_redis).await.expect("Redis answers calls again");
+    assert_eq!(metric(port, "freshet_server_cache_degraded").await, 0.0);
     services(&["stop", dir_arg]);
 }
 

@@ -308,13 +308,16 @@ async fn a_big_request_within_the_limits_keeps_its_deadline() {
     // One view of 100 features over one day, 1,000 entities with 50 events
     // across it: the largest answer the default limits allow (100,000
     // values), where evaluating (each feature sums its day of tiles) costs
-    // more than reading.
+    // more than reading. Each feature's window is a millisecond shorter than
+    // the last, so that none shares another's combination (features of one
+    // window are combined once) while all read the same two series of tiles.
     let mut text = String::from(
         "[[view]]\nname = \"wide\"\nentity = \"user\"\nentity_type = \"int64\"\nmax_age = \"1d\"\nfreshness_budget = \"5s\"\n\
          [view.source]\ntopics = [\"wide\"]\nformat = \"json\"\nevent_time = \"at\"\n",
     );
     for i in 0..100 {
-        text += &format!("[[view.feature]]\nname = \"n{i}\"\naggregation = \"count\"\nwindow = \"1d\"\n");
+        let window_ms = 86_399_999 - i;
+        text += &format!("[[view.feature]]\nname = \"n{i}\"\naggregation = \"count\"\nwindow = \"{window_ms}ms\"\n");
     }
     let (_dir, path) = views_file(&text);
     let url = fresh_database().await;

@@ -53,9 +53,12 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         );
-        let parent = freshet_store::telemetry::extract(request.headers().iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
-        let _ = span.set_parent(parent);
-        freshet_store::telemetry::record_trace_id(&span);
+        // Without an exporter, nobody would see the caller's trace.
+        if freshet_store::telemetry::exporting() {
+            let parent = freshet_store::telemetry::extract(request.headers().iter().map(|(k, v)| (k.as_str(), v.as_bytes())));
+            let _ = span.set_parent(parent);
+            freshet_store::telemetry::record_trace_id(&span);
+        }
         let call = self.inner.call(request);
         let recorder = span.clone();
         Box::pin(

@@ -287,7 +287,9 @@ fn convert_view(raw: RawView, sources: &HashSet<String>) -> Result<FeatureView, 
         features.push(feature);
     }
     let series = state::series_of(&features);
+    let by_name = features.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
     Ok(FeatureView {
+        by_name,
         name,
         description: raw.description,
         entity: raw.entity,

@@ -10,7 +10,7 @@
 pub mod duration;
 mod file;
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 pub use file::{MAX_FEATURES, ViewError};
 
@@ -43,6 +43,9 @@ pub struct FeatureView {
     pub features: Vec<Feature>,
     /// The tile series the windowed features read, worked out on load.
     pub series: Vec<Series>,
+    /// Index of each feature in `features` by name: a request names up to
+    /// a thousand, so [`FeatureView::feature`] must not search.
+    pub(crate) by_name: HashMap<String, usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +172,7 @@ impl Catalog {
 
 impl FeatureView {
     pub fn feature(&self, name: &str) -> Option<&Feature> {
-        self.features.iter().find(|f| f.name == name)
+        self.by_name.get(name).map(|&i| &self.features[i])
     }
 
     pub fn dlq_topic(&self, topic: &str) -> String {
