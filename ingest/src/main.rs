@@ -24,6 +24,13 @@ use freshet_store::{db, owners, view::Catalog};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc keeps freed pages for 10 s by default, which a catch-up that
+/// frees batch after batch turns into RSS; a background thread returns
+/// them within a second.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 use crate::{
     metrics::IngestMetrics,
     pipeline::{BatchLimits, Pipeline},
