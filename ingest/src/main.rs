@@ -157,6 +157,7 @@ struct RunArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    freshet_store::tls::install_crypto_provider();
     let _telemetry = freshet_store::telemetry::init("freshet-ingest").map_err(|e| anyhow::anyhow!(e))?;
     match Cli::parse().command {
         Command::Migrate { database_url } => Ok(db::migrate_command(&database_url).await?),

@@ -134,6 +134,7 @@ struct ServeArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    freshet_store::tls::install_crypto_provider();
     let _telemetry = freshet_store::telemetry::init("freshet-server").map_err(|e| anyhow::anyhow!(e))?;
     match Cli::parse().command {
         Command::Migrate(args) => db::migrate_command(&args.database_url).await?,

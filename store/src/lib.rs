@@ -10,7 +10,7 @@
 //!   views from Kafka after their file changed; [`slots`]: the replication
 //!   slots Freshet created for Postgres-sourced views.
 //! - [`metrics`], [`telemetry`]: the Prometheus endpoint, logs and traces of
-//!   both binaries.
+//!   both binaries; [`tls`]: the crypto backend of their TLS.
 
 pub mod codec;
 pub mod db;
@@ -23,4 +23,5 @@ pub mod rebuild;
 pub mod slots;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod view;

@@ -52,6 +52,7 @@ async fn calls_need_a_token_when_tokens_are_configured_but_health_does_not() {
 
 #[tokio::test]
 async fn serves_tls_with_a_configured_certificate() {
+    freshet_store::tls::install_crypto_provider();
     let dir = tempfile_dir::Dir::new();
     openssl(
         &dir.path,
