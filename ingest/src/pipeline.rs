@@ -448,6 +448,11 @@ impl Pipeline {
         pending.retain(|(i, _): &(Item, Record)| self.position.contains_key(&(i.topic.clone(), i.partition)));
         let mut skips = skips;
         skips.retain(|tp, _| self.position.contains_key(tp));
+        if pending.is_empty() && skips.is_empty() {
+            self.spare = pending;
+            self.in_flight.release(count, bytes);
+            return;
+        }
         // Prepared against where the partitions stand once the write in
         // flight lands (which it nearly always does).
         let mut projected = self.owned.clone();
