@@ -35,14 +35,14 @@ use std::{
     time::Duration,
 };
 
-use freshet_store::{codec, entities::RowKey, state::EntityState};
+use freshet_store::{codec, entities::RowKey, state::EntityState, view::FeatureView};
 use redis::aio::ConnectionManager;
 
-use crate::metrics::ServerMetrics;
+use crate::{metrics::ServerMetrics, served::Served};
 
 /// A cached row: its state, or `None` for an entity the view does not know.
 /// Shared: the hot tier, the call and the evaluation all read one copy.
-pub type Entry = Option<Arc<EntityState>>;
+pub type Entry = Option<Arc<Served>>;
 
 /// What the cache said about one row.
 pub enum Lookup {
@@ -120,11 +120,11 @@ impl Cache {
         format!("{}:g:{view}:{entity}", self.prefix)
     }
 
-    /// Looks `rows` up in one round trip, waiting at most `budget`; `None`
-    /// if Redis failed or took longer.
-    pub async fn get(&self, rows: &[&RowKey], budget: Duration) -> Option<Vec<Lookup>> {
+    /// Looks `rows` (each with its view) up in one round trip, waiting at
+    /// most `budget`; `None` if Redis failed or took longer.
+    pub async fn get(&self, rows: &[(&RowKey, &FeatureView)], budget: Duration) -> Option<Vec<Lookup>> {
         let mut pipe = redis::pipe();
-        for row in rows {
+        for (row, _) in rows {
             let key = self.state_key(row);
             pipe.get(&key).pttl(&key).get(self.generation_key(row));
         }
@@ -140,10 +140,11 @@ impl Cache {
         Some(
             values
                 .into_iter()
-                .map(|(bytes, remaining_ms, generation)| {
+                .zip(rows)
+                .map(|((bytes, remaining_ms, generation), (_, view))| {
                     let entry = bytes.and_then(|bytes| match bytes.is_empty() {
                         true => Some(None),
-                        false => codec::decode(&bytes).ok().map(|state| Some(Arc::new(state))),
+                        false => codec::decode(&bytes).ok().map(|state| Some(Arc::new(Served::new(&state, view)))),
                     });
                     // PTTL: -1 for a key without expiry (not one of ours), -2 for none.
                     let age = lifetime.saturating_sub(Duration::from_millis(remaining_ms.max(0) as u64));
@@ -161,7 +162,7 @@ impl Cache {
     /// Fills missed rows (row, generation seen before the read, state or
     /// `None` for an unknown entity) in the background: the caller already
     /// has its answer.
-    pub fn fill<'a>(&self, rows: impl Iterator<Item = (&'a RowKey, &'a str, &'a Entry)>) {
+    pub fn fill<'a>(&self, rows: impl Iterator<Item = (&'a RowKey, &'a str, Option<&'a EntityState>)>) {
         let mut pipe = redis::pipe();
         let lifetime = (self.ttl + self.stale_for).as_millis() as u64;
         let mut any = false;
@@ -172,7 +173,7 @@ impl Cache {
                 .arg(2)
                 .arg(self.state_key(row))
                 .arg(self.generation_key(row))
-                .arg(entry.as_deref().map(codec::encode).unwrap_or_default())
+                .arg(entry.map(codec::encode).unwrap_or_default())
                 .arg(generation)
                 .arg(lifetime)
                 .ignore();

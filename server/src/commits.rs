@@ -25,6 +25,7 @@ use crate::{
     hot::{HotTier, Ticket},
     metrics::ServerMetrics,
     reader::Reader,
+    served::Served,
 };
 
 /// Refresh queries at once; more rows wait for their next read.
@@ -98,7 +99,9 @@ async fn refresh(reader: &Reader, hot: &HotTier, rows: Vec<(RowKey, Ticket)>, me
         return;
     };
     for (row, ticket) in rows {
-        let entry = states.remove(&row).map(Arc::new);
+        // The tier holds only rows of views this server serves.
+        let Some(view) = reader.catalog.view(&row.0) else { continue };
+        let entry = states.remove(&row).map(|state| Arc::new(Served::new(&state, view)));
         if hot.fill(row, entry, born, ticket) {
             metrics.hot_refreshed.inc();
         }

@@ -48,8 +48,8 @@ pub async fn evaluate(
                         return FeatureValue { value: None, status: FeatureStatus::NotFound as i32, event_time: None };
                     };
                     let reading = match window {
-                        Some(w) => state.windowed(feature, &totals[*w]),
-                        None => state.read(feature, now_ms),
+                        Some(w) => totals[*w].reading(feature, state.newest_ms),
+                        None => state.last(feature),
                     };
                     feature_value(reading, max_ages[v], now_ms)
                 })
@@ -104,11 +104,10 @@ mod tests {
     };
 
     use super::*;
-    use crate::request::{Limits, plan};
-
-    fn catalog() -> Catalog {
-        Catalog::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/views/reference.toml"))).unwrap()
-    }
+    use crate::{
+        request::{Limits, plan},
+        served::{Served, reference_catalog},
+    };
 
     #[test]
     fn max_age_is_enforced_not_left_to_the_client() {
@@ -125,39 +124,38 @@ mod tests {
     }
 
     /// 3,000 entities × 3 features, entity 1 known to the view.
-    fn big_request() -> (Catalog, GetFeaturesRequest, Rows) {
-        let c = catalog();
+    fn big_request() -> (&'static Catalog, EntityState, GetFeaturesRequest, Rows) {
+        let c = reference_catalog();
         let view = c.view("orders").unwrap();
         let mut state = EntityState::default();
         let fields = [("amount".to_string(), Scalar::Double(2.5))].into_iter().collect();
         state.apply(view, &Event { entity: "1".into(), at_ms: 1_000_000, fields }, Direction::Add, true);
         let mut states = vec![None; 3000];
-        states[1] = Some(std::sync::Arc::new(state));
+        states[1] = Some(std::sync::Arc::new(Served::new(&state, view)));
         let states = Rows::new(states, 3000);
         let request = GetFeaturesRequest {
             features: vec!["orders:spend_1h".into(), "orders:orders_1h".into(), "orders:last_express".into()],
             entities: (0..3000).map(|k| EntityKey { key: Some(Key::Int64Key(k)) }).collect(),
             max_age: None,
         };
-        (c, request, states)
+        (c, state, request, states)
     }
 
     /// Features of one window share its one combination, and read what
     /// each would read alone.
     #[tokio::test]
     async fn features_of_one_window_share_it_and_read_as_alone() {
-        let (c, mut request, states) = big_request();
+        let (c, state, mut request, states) = big_request();
         let features =
             ["orders:spend_1h", "orders:orders_1h", "orders:max_order_1h", "orders:avg_order_1h", "orders:items_1h", "orders:last_express"];
         request.features = features.iter().map(|f| f.to_string()).collect();
-        let plan = plan(&c, &request, LIMITS).unwrap();
+        let plan = plan(c, &request, LIMITS).unwrap();
         // amount over 1 h (sum, max, avg), all events over 1 h, items over 1 h.
         assert_eq!(plan.windows.len(), 3);
         assert_eq!(plan.column_windows[0], plan.column_windows[2]);
         assert_eq!(plan.column_windows[5], None, "last values have no window");
         let now = 1_000_500;
         let rows = evaluate(&plan, &states, now, || false).await.unwrap();
-        let state = states.get(0, 1).unwrap();
         for (column, &(_, feature)) in plan.columns.iter().enumerate() {
             let alone = feature_value(state.read(feature, now), Duration::from_secs(86_400), now);
             assert_eq!(rows[1][column], alone, "{}", feature.name);
@@ -168,8 +166,8 @@ mod tests {
 
     #[tokio::test]
     async fn evaluates_every_entity_checking_the_deadline_as_it_goes() {
-        let (c, request, states) = big_request();
-        let plan = plan(&c, &request, LIMITS).unwrap();
+        let (c, _, request, states) = big_request();
+        let plan = plan(c, &request, LIMITS).unwrap();
         let mut checks = 0;
         let rows = evaluate(&plan, &states, 1_000_500, || {
             checks += 1;
@@ -188,8 +186,8 @@ mod tests {
 
     #[tokio::test]
     async fn stops_once_the_deadline_has_passed() {
-        let (c, request, states) = big_request();
-        let plan = plan(&c, &request, LIMITS).unwrap();
+        let (c, _, request, states) = big_request();
+        let plan = plan(c, &request, LIMITS).unwrap();
         let mut checks = 0;
         let status = evaluate(&plan, &states, 1_000_500, || {
             checks += 1;

@@ -43,13 +43,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use freshet_store::{
-    entities::RowKey,
-    state::{EntityState, LastValue, Scalar, Tile},
-};
+use freshet_store::entities::RowKey;
 use moka::{Expiry, ops::compute::Op};
 
-use crate::cache::{Entry, Stale};
+use crate::{
+    cache::{Entry, Stale},
+    served::Served,
+};
 
 /// Generation counters: enough that rows rarely share one.
 const STRIPES: usize = 1 << 14;
@@ -230,27 +230,16 @@ impl HotTier {
     }
 }
 
-/// Heap bytes an entry takes, estimated from its parts: keys and values,
-/// the tiles' vectors, map nodes and the cache's own bookkeeping. It errs
-/// high, so that `--hot-cache-bytes` bounds what the process holds.
+/// Heap bytes an entry takes, estimated from its parts: the key, the state
+/// and the cache's own bookkeeping. It errs high, so that
+/// `--hot-cache-bytes` bounds what the process holds.
 pub fn weight(row: &RowKey, entry: &Entry) -> u32 {
     /// Per entry: the cache's node, timer and frequency sketch, the `Held`
-    /// and its `Arc`s.
+    /// and its `Arc`s, the allocator's rounding of the state's parts.
     const ENTRY: usize = 256;
-    /// Per map element: B-tree node share, a `String` and a `Vec` header.
-    const ELEMENT: usize = 96;
     let mut bytes = ENTRY + row.0.len() + row.1.len();
     if let Some(state) = entry {
-        bytes += size_of::<EntityState>();
-        for (key, tiles) in &state.series {
-            bytes += ELEMENT + key.len() + tiles.capacity() * size_of::<Tile>();
-        }
-        for (name, LastValue { value, .. }) in &state.last {
-            bytes += ELEMENT + name.len() + size_of::<LastValue>();
-            if let Scalar::Str(s) = value {
-                bytes += s.capacity();
-            }
-        }
+        bytes += size_of::<Served>() + state.heap_bytes();
     }
     bytes.min(u32::MAX as usize) as u32
 }
@@ -266,7 +255,7 @@ mod tests {
     }
 
     fn state(newest_ms: i64) -> Entry {
-        Some(Arc::new(EntityState { newest_ms, ..EntityState::default() }))
+        Some(Arc::new(crate::served::bare(newest_ms)))
     }
 
     fn newest(found: Found) -> Option<i64> {
@@ -370,14 +359,18 @@ mod tests {
 
     #[test]
     fn weight_grows_with_what_an_entry_holds() {
+        use freshet_store::state::{Direction, EntityState, Event, Scalar};
+        let view = crate::served::reference_catalog().view("orders").unwrap();
         let empty = weight(&row("1"), &None);
+        let small = weight(&row("1"), &Some(Arc::new(Served::new(&EntityState::default(), view))));
         let mut state = EntityState::default();
-        let small = weight(&row("1"), &Some(Arc::new(state.clone())));
-        let tile = Tile { start_ms: 0, count: 1, sum: 1.0, min: 1.0, max: 1.0, newest_ms: 0 };
-        state.series.insert("*@100".into(), vec![tile; 50]);
-        state.last.insert("kind".into(), LastValue { at_ms: 0, value: Scalar::Str("x".repeat(1000)) });
-        let big = weight(&row("1"), &Some(Arc::new(state)));
+        for i in 0..50 {
+            let fields = [("amount".to_string(), Scalar::Double(2.5))].into_iter().collect();
+            state.apply(view, &Event { entity: "1".into(), at_ms: 10_000_000 + i * 72_000, fields }, Direction::Add, true);
+        }
+        let big = weight(&row("1"), &Some(Arc::new(Served::new(&state, view))));
         assert!(empty < small && small < big);
-        assert!(big as usize >= 50 * size_of::<Tile>() + 1000);
+        let tiles: usize = state.series.values().map(Vec::len).sum();
+        assert!(tiles >= 100 && big as usize >= tiles * 24, "{big} bytes for {tiles} tiles");
     }
 }

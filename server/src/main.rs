@@ -14,6 +14,7 @@ mod layers;
 mod metrics;
 mod reader;
 mod request;
+mod served;
 mod service;
 mod watermarks;
 
@@ -186,7 +187,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     let caches = health::Caches { redis: cache.clone(), hot: hot.clone(), stale_for };
     let (postgres, probe) = health::start(pool, caches, health.clone(), metrics.clone()).await;
-    let reader = reader::Reader { postgres, cache, hot };
+    let reader = reader::Reader { postgres, cache, hot, catalog: catalog.clone() };
     if reader.cache.is_some() || reader.hot.is_some() {
         tokio::spawn(commits::follow(reader.clone(), metrics.clone()));
     }

@@ -15,7 +15,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use freshet_store::{entities, entities::RowKey, state::EntityState, view::FeatureView};
+use freshet_store::{
+    entities,
+    entities::RowKey,
+    state::EntityState,
+    view::{Catalog, FeatureView},
+};
 use tonic::Status;
 use tracing::Instrument;
 
@@ -23,6 +28,7 @@ use crate::{
     cache::{Cache, Entry, Lookup, Stale},
     health::Postgres,
     hot::{Found, HotTier, Ticket},
+    served::Served,
 };
 
 #[derive(Clone)]
@@ -30,6 +36,8 @@ pub struct Reader {
     pub postgres: Postgres,
     pub cache: Option<Cache>,
     pub hot: Option<Arc<HotTier>>,
+    /// The views states are served for (a state is laid out by its view).
+    pub catalog: Arc<Catalog>,
 }
 
 /// Where a request's rows came from, for its span and metrics.
@@ -72,16 +80,17 @@ impl Rows {
         Rows { states, entities }
     }
 
-    pub fn get(&self, view: usize, entity: usize) -> Option<&EntityState> {
+    pub fn get(&self, view: usize, entity: usize) -> Option<&Served> {
         self.states[view * self.entities + entity].as_deref()
     }
 }
 
 /// A row the hot tier could not answer.
-struct Wanted {
+struct Wanted<'a> {
     /// In [`Rows::states`].
     index: usize,
     row: RowKey,
+    view: &'a FeatureView,
     ticket: Option<Ticket>,
     /// The youngest entry past its TTL either cache still holds.
     stale: Option<Stale>,
@@ -109,7 +118,7 @@ impl Reader {
                     Some(Found::Refresh { ticket, stale }) => (Some(ticket), stale),
                     None => (None, None),
                 };
-                wanted.push(Wanted { index, row: (view.name.clone(), entity.clone()), ticket, stale });
+                wanted.push(Wanted { index, row: (view.name.clone(), entity.clone()), view, ticket, stale });
             }
         }
         let outcome = match wanted.is_empty() {
@@ -120,11 +129,11 @@ impl Reader {
     }
 
     /// Reads `wanted` from Redis, then Postgres.
-    async fn read_through(&self, states: &mut [Entry], wanted: Vec<Wanted>, deadline: Option<Instant>) -> Result<CacheOutcome, Status> {
+    async fn read_through(&self, states: &mut [Entry], wanted: Vec<Wanted<'_>>, deadline: Option<Instant>) -> Result<CacheOutcome, Status> {
         let total = wanted.len();
         let lookups = match &self.cache {
             Some(cache) => {
-                let rows: Vec<&RowKey> = wanted.iter().map(|w| &w.row).collect();
+                let rows: Vec<(&RowKey, &FeatureView)> = wanted.iter().map(|w| (&w.row, w.view)).collect();
                 let span = tracing::info_span!("redis.get", db.system.name = "redis", rows = rows.len());
                 let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
                 cache.get(&rows, crate::cache::budget(rows.len(), left)).instrument(span).await
@@ -163,11 +172,12 @@ impl Reader {
             Ok(loaded) => loaded,
             Err(status) => return serve_stale(states, missing, status),
         };
-        let entries: Vec<Entry> = rows.iter().map(|row| loaded.remove(row).map(Arc::new)).collect();
+        let loaded: Vec<Option<EntityState>> = rows.iter().map(|row| loaded.remove(row)).collect();
         if let Some(cache) = self.cache.as_ref().filter(|_| from_redis) {
-            cache.fill(rows.iter().zip(&generations).zip(&entries).map(|((row, generation), entry)| (row, generation.as_str(), entry)));
+            cache.fill(rows.iter().zip(&generations).zip(&loaded).map(|((row, generation), state)| (row, generation.as_str(), state.as_ref())));
         }
-        for (w, entry) in missing.into_iter().zip(entries) {
+        for (w, state) in missing.into_iter().zip(loaded) {
+            let entry = state.map(|state| Arc::new(Served::new(&state, w.view)));
             self.fill_hot(&w, entry.clone(), born);
             states[w.index] = entry;
         }
@@ -203,7 +213,7 @@ fn younger(a: Option<Stale>, b: Option<Stale>) -> Option<Stale> {
 
 /// Postgres failed with `status`: the answer from entries past their TTL
 /// if every row Postgres was asked for has one, else `status`.
-fn serve_stale(states: &mut [Entry], missing: Vec<Wanted>, status: Status) -> Result<CacheOutcome, Status> {
+fn serve_stale(states: &mut [Entry], missing: Vec<Wanted<'_>>, status: Status) -> Result<CacheOutcome, Status> {
     if missing.iter().any(|w| w.stale.is_none()) {
         return Err(status);
     }
@@ -220,17 +230,18 @@ fn serve_stale(states: &mut [Entry], missing: Vec<Wanted>, status: Status) -> Re
 mod tests {
     use super::*;
 
-    fn wanted(index: usize, stale: Option<(u64, bool)>) -> Wanted {
+    fn wanted(index: usize, stale: Option<(u64, bool)>) -> Wanted<'static> {
         let stale = stale.map(|(age_ms, known)| Stale {
-            entry: known.then(|| Arc::new(EntityState { newest_ms: index as i64, ..EntityState::default() })),
+            entry: known.then(|| Arc::new(crate::served::bare(index as i64))),
             age: Duration::from_millis(age_ms),
         });
-        Wanted { index, row: ("orders".to_string(), index.to_string()), ticket: None, stale }
+        let view = crate::served::reference_catalog().view("orders").unwrap();
+        Wanted { index, row: ("orders".to_string(), index.to_string()), view, ticket: None, stale }
     }
 
     #[test]
     fn stale_entries_answer_only_when_they_cover_every_row() {
-        let mut states: Vec<Entry> = vec![Some(Arc::default()), None, None];
+        let mut states: Vec<Entry> = vec![Some(Arc::new(crate::served::bare(0))), None, None];
         let outcome =
             serve_stale(&mut states, vec![wanted(1, Some((9000, true))), wanted(2, Some((7000, false)))], Status::unavailable("down"));
         assert_eq!(outcome.unwrap(), CacheOutcome::Stale(Duration::from_millis(9000)));

@@ -29,10 +29,10 @@ pub struct Limits {
 pub struct Plan<'a> {
     /// Requested features in request order, with the index of their view in `views`.
     pub columns: Vec<(usize, &'a Feature)>,
-    /// The distinct windows the columns read, as (view index, series key,
+    /// The distinct windows the columns read, as (view index, series slot,
     /// window in ms): each is combined once per entity, however many
     /// features (count, sum, avg…) read it.
-    pub windows: Vec<(usize, &'a str, i64)>,
+    pub windows: Vec<(usize, usize, i64)>,
     /// For each column, its window in `windows` (`None` for `last`).
     pub column_windows: Vec<Option<usize>>,
     pub views: Vec<&'a FeatureView>,
@@ -155,17 +155,16 @@ fn resolve_features<'a>(catalog: &'a Catalog, references: &[String]) -> Result<C
     Ok((columns, views))
 }
 
-type Windows<'a> = (Vec<(usize, &'a str, i64)>, Vec<Option<usize>>);
+type Windows = (Vec<(usize, usize, i64)>, Vec<Option<usize>>);
 
 /// The distinct windows `columns` read, and each column's.
-fn windows_of<'a>(columns: &[(usize, &'a Feature)]) -> Windows<'a> {
+fn windows_of(columns: &[(usize, &Feature)]) -> Windows {
     let mut windows = Vec::new();
-    let mut index: HashMap<(usize, &str, i64), usize> = HashMap::new();
+    let mut index: HashMap<(usize, usize, i64), usize> = HashMap::new();
     let column_windows = columns
         .iter()
         .map(|&(view, feature)| {
-            let (Some(series), Some(window)) = (feature.series.as_deref(), feature.window) else { return None };
-            let window = (view, series, window.as_millis() as i64);
+            let window = (view, feature.slot, feature.window?.as_millis() as i64);
             Some(*index.entry(window).or_insert_with(|| {
                 windows.push(window);
                 windows.len() - 1

@@ -250,53 +250,34 @@ impl EntityState {
     /// Evaluates `feature` as of `now_ms`.
     pub fn read(&self, feature: &Feature, now_ms: i64) -> Reading {
         if feature.aggregation == Aggregation::Last {
-            return match self.last.get(&feature.name) {
-                Some(LastValue { value: Scalar::Null, at_ms }) => Reading::Null { at_ms: Some(*at_ms) },
-                Some(last) => Reading::Value { value: last.value.clone(), at_ms: last.at_ms },
-                None => Reading::Null { at_ms: None },
-            };
+            return LastValue::reading(self.last.get(&feature.name));
         }
         let window_ms = feature.window.map(|w| w.as_millis() as i64).unwrap_or_default();
         let total = feature.series.as_ref().map_or(Window::EMPTY, |key| self.window(key, window_ms, now_ms));
         self.windowed(feature, &total)
     }
 
-    /// The tiles of series `key` that a window of `window_ms` ending at
-    /// `now_ms` overlaps, combined in one pass: tiles are sorted by start,
-    /// so those too old are skipped by a binary search, not visited. Every
-    /// feature of that series and window reads from the one result.
+    /// Series `key` over a window of `window_ms` ending at `now_ms` (see
+    /// [`Window::of`]): every feature of that series and window reads from
+    /// the one result.
     pub fn window(&self, key: &str, window_ms: i64, now_ms: i64) -> Window {
-        let Some(tiles) = self.series.get(key) else { return Window::EMPTY };
-        let width = tile_width_ms(window_ms);
-        let first = tiles.partition_point(|t| t.start_ms + width <= now_ms - window_ms);
-        let mut total = Window::EMPTY;
-        for tile in &tiles[first..] {
-            total.count += tile.count;
-            total.sum += tile.sum;
-            total.min = total.min.min(tile.min);
-            total.max = total.max.max(tile.max);
-            total.newest_ms = total.newest_ms.max(tile.newest_ms);
-        }
-        total
+        self.series.get(key).map_or(Window::EMPTY, |tiles| Window::of(tiles, window_ms, now_ms))
     }
 
     /// What windowed `feature` reads as, given its window's `total`.
     pub fn windowed(&self, feature: &Feature, total: &Window) -> Reading {
-        let at_ms = if total.count > 0 { total.newest_ms } else { self.newest_ms };
-        let typed = |x: f64| match feature.field_type {
-            ValueType::Int64 => Scalar::Int(x.round() as i64),
-            _ => Scalar::Double(x),
-        };
-        let value = match feature.aggregation {
-            Aggregation::Count => Scalar::Int(total.count),
-            Aggregation::Sum => typed(total.sum),
-            _ if total.count == 0 => return Reading::Null { at_ms: Some(at_ms) },
-            Aggregation::Min => typed(total.min),
-            Aggregation::Max => typed(total.max),
-            Aggregation::Avg => Scalar::Double(total.sum / total.count as f64),
-            Aggregation::Last => unreachable!("not windowed"),
-        };
-        Reading::Value { value, at_ms }
+        total.reading(feature, self.newest_ms)
+    }
+}
+
+impl LastValue {
+    /// What a `last` feature holding `last` reads as.
+    pub fn reading(last: Option<&LastValue>) -> Reading {
+        match last {
+            Some(LastValue { value: Scalar::Null, at_ms }) => Reading::Null { at_ms: Some(*at_ms) },
+            Some(last) => Reading::Value { value: last.value.clone(), at_ms: last.at_ms },
+            None => Reading::Null { at_ms: None },
+        }
     }
 }
 
@@ -312,6 +293,43 @@ pub struct Window {
 
 impl Window {
     pub const EMPTY: Window = Window { count: 0, sum: 0.0, min: f64::INFINITY, max: f64::NEG_INFINITY, newest_ms: i64::MIN };
+
+    /// The `tiles` (sorted by start) that a window of `window_ms` ending at
+    /// `now_ms` overlaps, combined in one pass: those too old are skipped by
+    /// a binary search, not visited.
+    pub fn of(tiles: &[Tile], window_ms: i64, now_ms: i64) -> Window {
+        let width = tile_width_ms(window_ms);
+        let first = tiles.partition_point(|t| t.start_ms + width <= now_ms - window_ms);
+        let mut total = Window::EMPTY;
+        for tile in &tiles[first..] {
+            total.count += tile.count;
+            total.sum += tile.sum;
+            total.min = total.min.min(tile.min);
+            total.max = total.max.max(tile.max);
+            total.newest_ms = total.newest_ms.max(tile.newest_ms);
+        }
+        total
+    }
+
+    /// What windowed `feature` reads as, given this total of its window, for
+    /// an entity whose newest event is `newest_ms`.
+    pub fn reading(&self, feature: &Feature, newest_ms: i64) -> Reading {
+        let at_ms = if self.count > 0 { self.newest_ms } else { newest_ms };
+        let typed = |x: f64| match feature.field_type {
+            ValueType::Int64 => Scalar::Int(x.round() as i64),
+            _ => Scalar::Double(x),
+        };
+        let value = match feature.aggregation {
+            Aggregation::Count => Scalar::Int(self.count),
+            Aggregation::Sum => typed(self.sum),
+            _ if self.count == 0 => return Reading::Null { at_ms: Some(at_ms) },
+            Aggregation::Min => typed(self.min),
+            Aggregation::Max => typed(self.max),
+            Aggregation::Avg => Scalar::Double(self.sum / self.count as f64),
+            Aggregation::Last => unreachable!("not windowed"),
+        };
+        Reading::Value { value, at_ms }
+    }
 }
 
 fn update_tile(tiles: &mut Vec<Tile>, at_ms: i64, width: i64, value: f64, direction: Direction) {

@@ -8,6 +8,8 @@
 #                                  --with-feast: Feast's Python feature server on the same data
 #                                  (BENCH_SERVER_CPUS=0, BENCH_LOAD_CPUS=1 by default; everything
 #                                  measured runs at BENCH_NICE, -10 as root, ahead of other builds)
+#                                  BENCH_ONLY=hot-all,overload: only those parts (modes hot, hot-all,
+#                                  redis, postgres; overload; tracing)
 #   tests/bench/run.sh ingest      exactly-once ingest beside a raw rdkafka consume loop
 #                                  (BENCH_RECORDS, BENCH_USERS, BENCH_BATCHES: one case of your own)
 #   tests/bench/run.sh freshness   Kafka append -> servable at 5000 events/s
@@ -32,7 +34,7 @@ case "${1:-}" in
       generated_files_are_refused edited_reference_files any_request_is_planned valid_requests_are_accepted 2>&1 |
       awk '/^test result:/ {p += $4; f += $6} /panicked|FAILED/ {print} END {printf "property tests: %d passed, %d failed, '"$PROPTEST_CASES"' cases each\n", p, f}'
     exit 0 ;;
-  *) sed -n '2,15p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
 esac
 [[ $bench == bench_freshness ]] || shift
 with_feast=false

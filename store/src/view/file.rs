@@ -311,6 +311,16 @@ fn convert_view(raw: RawView, sources: &HashSet<String>) -> Result<FeatureView, 
         features.push(feature);
     }
     let series = state::series_of(&features);
+    let mut lasts = 0;
+    for feature in &mut features {
+        feature.slot = match &feature.series {
+            Some(key) => series.iter().position(|s| &s.key == key).expect("series_of covers every windowed feature"),
+            None => {
+                lasts += 1;
+                lasts - 1
+            }
+        };
+    }
     let by_name = features.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
     Ok(FeatureView {
         by_name,
@@ -483,7 +493,8 @@ fn convert_feature(raw: RawFeature) -> Result<Feature, String> {
         },
     };
     let series = window.map(|w| state::series_key(raw.field.as_deref(), w));
-    Ok(Feature { name, description: raw.description, aggregation, field: raw.field, field_type, window, series })
+    // `slot` is known once every feature of the view is.
+    Ok(Feature { name, description: raw.description, aggregation, field: raw.field, field_type, window, series, slot: 0 })
 }
 
 /// Names travel in feature references, metrics labels and change
@@ -779,6 +790,9 @@ type = "string"
         assert_eq!(keys, [("*@200", 200, 10_000), ("*@220", 220, 11_000), ("*@72000", 72_000, 3_600_000)]);
         assert_eq!(view.feature("events_1h").unwrap().series.as_deref(), Some("*@72000"));
         assert_eq!(view.feature("last_event_type").unwrap().series, None);
+        // Slots: each windowed feature's series, each `last` feature's rank.
+        let slots: Vec<(&str, usize)> = view.features.iter().map(|f| (f.name.as_str(), f.slot)).collect();
+        assert_eq!(slots, [("events_10s", 0), ("last_event_type", 0), ("events_11s", 1), ("events_1h", 2)]);
     }
 
     #[test]

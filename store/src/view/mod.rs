@@ -136,6 +136,11 @@ pub struct Feature {
     pub window: Option<Duration>,
     /// Key of the tile series it reads (see [`Series`]); `None` only for `last`.
     pub series: Option<String>,
+    /// Its place among what a served state keeps (set on load): the index
+    /// of its series in [`FeatureView::series`], or, for `last`, its index
+    /// among the view's `last` features. The server indexes by it rather
+    /// than looking names up on every call.
+    pub slot: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

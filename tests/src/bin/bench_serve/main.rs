@@ -20,6 +20,8 @@
 //! Then 5× capacity against `--max-in-flight 8` (admitted and refused
 //! calls, RSS during and after), tracing on and off, and Feast's Python
 //! feature server on the same data shape when `run.sh --with-feast` set it up.
+//! `BENCH_ONLY=hot-all,overload` (modes `hot`, `hot-all`, `redis`,
+//! `postgres`; `overload`; `tracing`) runs only those parts.
 
 mod feast;
 mod ghz;
@@ -117,6 +119,16 @@ enum Mode {
 }
 
 impl Mode {
+    /// Its name in `BENCH_ONLY`.
+    fn id(self) -> &'static str {
+        match self {
+            Mode::Hot => "hot",
+            Mode::HotHoldingAll => "hot-all",
+            Mode::Redis => "redis",
+            Mode::Postgres => "postgres",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Mode::Hot => "hot tier (warm)",
@@ -462,6 +474,12 @@ fn server_has_hot_tier() -> bool {
     String::from_utf8_lossy(&out.stdout).contains("--hot-cache-bytes")
 }
 
+/// Whether `BENCH_ONLY` (a comma-separated list of modes, `overload` and
+/// `tracing`) asks for `part`; unset, every part runs.
+fn wanted(part: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|p| p.trim() == part))
+}
+
 fn pid_from_env(name: &str) -> Option<u32> {
     std::env::var(name).ok().and_then(|p| p.parse().ok())
 }
@@ -479,6 +497,7 @@ async fn main() {
     let hot_tier = server_has_hot_tier();
     let modes: &[Mode] =
         if hot_tier { &[Mode::Hot, Mode::HotHoldingAll, Mode::Redis, Mode::Postgres] } else { &[Mode::Redis, Mode::Postgres] };
+    let chosen: Vec<Mode> = modes.iter().copied().filter(|m| wanted(m.id())).collect();
     let ghz = ghz::Ghz::from_env(&cores.load);
     let requests: Vec<Vec<Bytes>> = SHAPES.iter().map(|s| prepared(*s)).collect();
     let ghz_data: Option<(std::path::PathBuf, Vec<std::path::PathBuf>)> = ghz.as_ref().map(|g| {
@@ -489,7 +508,7 @@ async fn main() {
 
     let mut tables = Tables::default();
     let mut hot_tier_notes = Vec::new();
-    for &mode in modes {
+    for &mode in &chosen {
         let server = Server::start(&views, &url, &mode.args(&redis, hot_tier, 10_000), &[], &cores, stores);
         let channels = load::connect(server.address).await;
         warm_and_check(channels[0].clone()).await;
@@ -543,22 +562,24 @@ async fn main() {
 
     // Overload: the best mode this server has, limited to 8 calls in flight.
     let best = modes[0];
-    let args = best.args(&redis, hot_tier, 8);
-    let server = Server::start(&views, &url, &args, &[], &cores, stores);
-    let channels = load::connect(server.address).await;
-    warm_and_check(channels[0].clone()).await;
     let mut overloads = Vec::new();
-    for (shape, requests) in SHAPES.iter().zip(&requests) {
-        overloads.push(overload(&server, &Load::new(&channels, GET_FEATURES, requests.clone()), *shape).await);
+    if wanted("overload") {
+        let args = best.args(&redis, hot_tier, 8);
+        let server = Server::start(&views, &url, &args, &[], &cores, stores);
+        let channels = load::connect(server.address).await;
+        warm_and_check(channels[0].clone()).await;
+        for (shape, requests) in SHAPES.iter().zip(&requests) {
+            overloads.push(overload(&server, &Load::new(&channels, GET_FEATURES, requests.clone()), *shape).await);
+        }
     }
-    drop(server);
 
     // Tracing on vs off: the same server and call, exporting every span to
     // a local OTLP endpoint, against not exporting.
     let mut tracing = Tables::default();
     let (collector, endpoint) = freshet_tests::start_collector().await;
     let exporting = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "200")];
-    for (name, vars) in [("tracing off", &[][..]), ("tracing on, every span exported", &exporting[..])] {
+    let runs = [("tracing off", &[][..]), ("tracing on, every span exported", &exporting[..])];
+    for (name, vars) in runs.into_iter().filter(|_| wanted("tracing")) {
         let args = Mode::Postgres.args(&redis, hot_tier, 10_000);
         let server = Server::start(&views, &url, &args, vars, &cores, stores);
         let channels = load::connect(server.address).await;
