@@ -25,6 +25,11 @@ use clap::{Args, Parser, Subcommand};
 use freshet_proto::v1::{FILE_DESCRIPTOR_SET, feature_service_server::FeatureServiceServer};
 use freshet_store::{db, view::Catalog};
 
+/// glibc malloc and free were a tenth of a call's CPU; jemalloc, as in
+/// ingest, takes less (see tests/bench/README.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "freshet-server", version, about = "Serves Freshet's features over gRPC")]
 struct Cli {

@@ -174,7 +174,9 @@ impl Reader {
         };
         let loaded: Vec<Option<EntityState>> = rows.iter().map(|row| loaded.remove(row)).collect();
         if let Some(cache) = self.cache.as_ref().filter(|_| from_redis) {
-            cache.fill(rows.iter().zip(&generations).zip(&loaded).map(|((row, generation), state)| (row, generation.as_str(), state.as_ref())));
+            cache.fill(
+                rows.iter().zip(&generations).zip(&loaded).map(|((row, generation), state)| (row, generation.as_str(), state.as_ref())),
+            );
         }
         for (w, state) in missing.into_iter().zip(loaded) {
             let entry = state.map(|state| Arc::new(Served::new(&state, w.view)));
