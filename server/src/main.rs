@@ -110,7 +110,7 @@ struct ServeArgs {
     /// Bytes of decoded state the hot tier keeps in the server's memory (in
     /// front of Redis and Postgres, refreshed on commit); 0 turns it off.
     /// The default keeps the server well under 256 MiB.
-    #[arg(long, env = "FRESHET_HOT_CACHE_BYTES", default_value_t = 64 << 20)]
+    #[arg(long, env = "FRESHET_HOT_CACHE_BYTES", default_value_t = 96 << 20)]
     hot_cache_bytes: u64,
     /// Longest a cached entry (in memory or Redis) may outlive a missed
     /// invalidation, in ms.

@@ -116,13 +116,14 @@ type Columns<'a> = (Vec<(usize, &'a Feature)>, Vec<&'a FeatureView>);
 fn resolve_features<'a>(catalog: &'a Catalog, references: &[String]) -> Result<Columns<'a>, Status> {
     let mut views: Vec<&FeatureView> = Vec::new();
     let mut columns = Vec::with_capacity(references.len());
-    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(references.len());
+    // By the feature each resolves to (one reference text names one
+    // feature): an address in the catalog, which callers cannot choose, so
+    // a fast hash is safe.
+    let mut seen: HashMap<*const Feature, usize, foldhash::fast::RandomState> = HashMap::default();
+    seen.reserve(references.len());
     for (i, reference) in references.iter().enumerate() {
         // Built only for an error: most calls have none.
         let field = || format!("features[{i}]");
-        if let Some(first) = seen.insert(reference, i) {
-            return Err(invalid(&field(), &format!("repeats features[{first}]; ask for each feature once")));
-        }
         let (view_name, feature_name) = reference
             .split_once(':')
             .filter(|(v, f)| !v.is_empty() && !f.is_empty())
@@ -131,6 +132,9 @@ fn resolve_features<'a>(catalog: &'a Catalog, references: &[String]) -> Result<C
         let feature = view
             .feature(feature_name)
             .ok_or_else(|| invalid(&field(), &format!("view {:?} has no feature {}", view.name, quoted(feature_name))))?;
+        if let Some(first) = seen.insert(feature, i) {
+            return Err(invalid(&field(), &format!("repeats features[{first}]; ask for each feature once")));
+        }
         let index = match views.iter().position(|v| std::ptr::eq(*v, view)) {
             Some(index) => index,
             None => {
@@ -160,7 +164,7 @@ type Windows = (Vec<(usize, usize, i64)>, Vec<Option<usize>>);
 /// The distinct windows `columns` read, and each column's.
 fn windows_of(columns: &[(usize, &Feature)]) -> Windows {
     let mut windows = Vec::new();
-    let mut index: HashMap<(usize, usize, i64), usize> = HashMap::new();
+    let mut index: HashMap<(usize, usize, i64), usize, foldhash::fast::RandomState> = HashMap::default();
     let column_windows = columns
         .iter()
         .map(|&(view, feature)| {

@@ -45,8 +45,9 @@ pub struct FeatureView {
     /// The tile series the windowed features read, worked out on load.
     pub series: Vec<Series>,
     /// Index of each feature in `features` by name: a request names up to
-    /// a thousand, so [`FeatureView::feature`] must not search.
-    pub(crate) by_name: HashMap<String, usize>,
+    /// a thousand, so [`FeatureView::feature`] must not search. The names
+    /// come from the view file, not from callers, so a fast hash is safe.
+    pub(crate) by_name: HashMap<String, usize, foldhash::fast::RandomState>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -512,7 +512,8 @@ async fn main() {
         let server = Server::start(&views, &url, &mode.args(&redis, hot_tier, 10_000), &[], &cores, stores);
         let channels = load::connect(server.address).await;
         warm_and_check(channels[0].clone()).await;
-        hot_tier_notes.push(format!("{}: {}", mode.name(), hot_tier_held(&server.snapshot().await.metrics)));
+        let rss = probe::rss_mib(server.processes.server);
+        hot_tier_notes.push(format!("{}: {}, server RSS {rss:.0} MiB", mode.name(), hot_tier_held(&server.snapshot().await.metrics)));
         let empty = Load::new(&channels, HEALTH, vec![Bytes::new()]);
         let empty_capacity = own_case(&mut tables, &server, mode.name(), "empty RPC", &empty, HEALTH, None).await;
         for (shape, requests) in SHAPES.iter().zip(&requests) {
