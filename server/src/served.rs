@@ -141,97 +141,63 @@ pub fn reference_catalog() -> &'static freshet_store::view::Catalog {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use freshet_store::{
         state::{Direction, Event},
-        view::Catalog,
+        view::ValueType,
     };
 
     use super::*;
 
-    const VIEWS: &str = r#"
-[[view]]
-name = "orders"
-entity = "user_id"
-entity_type = "int64"
-max_age = "1d"
-freshness_budget = "5s"
-[view.source]
-topics = ["orders"]
-format = "json"
-event_time = "at"
-on_delete = "retract"
-[[view.feature]]
-name = "n_10s"
-aggregation = "count"
-window = "10s"
-[[view.feature]]
-name = "spend_1h"
-aggregation = "sum"
-field = "amount"
-type = "double"
-window = "1h"
-[[view.feature]]
-name = "avg_1h"
-aggregation = "avg"
-field = "amount"
-type = "double"
-window = "1h"
-[[view.feature]]
-name = "kind"
-aggregation = "last"
-field = "kind"
-type = "string"
-[[view.feature]]
-name = "n_1h"
-aggregation = "count"
-window = "1h"
-[[view.feature]]
-name = "express"
-aggregation = "last"
-field = "express"
-type = "bool"
-"#;
-
-    fn event(at_ms: i64, amount: f64, kind: Option<&str>) -> Event {
-        let mut fields = BTreeMap::from([("amount".to_string(), Scalar::Double(amount))]);
-        if let Some(kind) = kind {
-            fields.insert("kind".into(), Scalar::Str(kind.into()));
-        }
+    /// Event `i` of a view: every field its features read, typed as
+    /// declared, some left out (so `last` values differ in age).
+    fn event(view: &FeatureView, i: i64, at_ms: i64) -> Event {
+        let fields = view
+            .features
+            .iter()
+            .filter_map(|f| Some((f.field.clone()?, f.field_type)))
+            .filter(|_| i % 3 != 1)
+            .map(|(field, kind)| {
+                let value = match kind {
+                    ValueType::Int64 => Scalar::Int(i),
+                    ValueType::Double => Scalar::Double(i as f64 * 1.5),
+                    ValueType::String => Scalar::Str(["a", "b", "c"][i as usize % 3].into()),
+                    ValueType::Bool => Scalar::Bool(i % 2 == 0),
+                    ValueType::Timestamp => Scalar::Time(at_ms - i),
+                };
+                (field, value)
+            })
+            .collect();
         Event { entity: "1".into(), at_ms, fields }
     }
 
-    /// Every feature reads the same from the served form as from the state
-    /// it was made of, at instants before, inside and past its windows.
+    /// Every feature of every reference view reads the same from the served
+    /// form as from the state it was made of, at instants before, inside
+    /// and past its windows, retractions included.
     #[test]
     fn reads_as_the_state_it_was_made_of() {
-        let catalog = Catalog::parse(VIEWS, "v").unwrap();
-        let view = &catalog.views[0];
-        let mut state = EntityState::default();
-        for (i, at) in [1_000, 4_000, 9_500, 30_000, 1_200_000, 1_205_000].into_iter().enumerate() {
-            let kind = (i % 2 == 0).then_some(["a", "b", "c"][i % 3]);
-            state.apply(view, &event(at, i as f64 * 1.5, kind), Direction::Add, true);
-        }
-        state.apply(view, &event(4_000, 1.5, None), Direction::Retract, true);
-        let served = Served::new(&state, view);
-        assert_eq!(served.newest_ms, state.newest_ms);
-        for now in [0, 5_000, 10_000, 14_000, 1_205_000, 1_209_999, 1_216_000, 5_000_000, 9_000_000] {
-            for feature in &view.features {
-                let from_state = state.read(feature, now);
-                let from_served = match feature.window {
-                    Some(window) => served.window(feature.slot, window.as_millis() as i64, now).reading(feature, served.newest_ms),
-                    None => served.last(feature),
-                };
-                assert_eq!(from_served, from_state, "{} at {now}", feature.name);
+        for view in &reference_catalog().views {
+            let mut state = EntityState::default();
+            for (i, at) in [1_000, 4_000, 9_500, 30_000, 1_200_000, 1_205_000].into_iter().enumerate() {
+                state.apply(view, &event(view, i as i64, at), Direction::Add, true);
+            }
+            state.apply(view, &event(view, 1, 4_000), Direction::Retract, true);
+            let served = Served::new(&state, view);
+            assert_eq!(served.newest_ms, state.newest_ms);
+            for now in [0, 5_000, 10_000, 14_000, 1_205_000, 1_209_999, 1_216_000, 5_000_000, 9_000_000] {
+                for feature in &view.features {
+                    let from_served = match feature.window {
+                        Some(window) => served.window(feature.slot, window.as_millis() as i64, now).reading(feature, served.newest_ms),
+                        None => served.last(feature),
+                    };
+                    assert_eq!(from_served, state.read(feature, now), "{}:{} at {now}", view.name, feature.name);
+                }
             }
         }
     }
 
     #[test]
     fn an_empty_state_serves_empty_features_and_counts_take_less_room() {
-        let catalog = Catalog::parse(VIEWS, "v").unwrap();
-        let view = &catalog.views[0];
+        let view = reference_catalog().view("orders").unwrap();
         let empty = Served::new(&EntityState::default(), view);
         for feature in &view.features {
             let reading = match feature.window {
@@ -244,7 +210,7 @@ type = "bool"
         // lighter.
         let mut state = EntityState::default();
         for i in 0..100 {
-            state.apply(view, &event(3_600_000 + i * 36_000, 1.0, None), Direction::Add, true);
+            state.apply(view, &event(view, 0, 3_600_000 + i * 36_000), Direction::Add, true);
         }
         let served = Served::new(&state, view);
         let tiles: usize = state.series.values().map(Vec::len).sum();
