@@ -351,8 +351,9 @@ fn ingest_direct(path: &Path, store: &str, app_url: &str, metrics: &str) -> Proc
             .env("FRESHET_SOURCE_DATABASE_URL", app_url)
             .env_remove("FRESHET_KAFKA_BROKERS")
             .env("FRESHET_GROUP", "bench")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null()),
+            // Its log (stdout) into the bench's output: warnings say why it stalls.
+            .env("RUST_LOG", std::env::var("BENCH_WAL_INGEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::inherit()),
     )
 }
 
