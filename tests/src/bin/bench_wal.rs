@@ -369,6 +369,12 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// A Markdown table's header and separator lines.
+fn table_header(columns: &[&str]) {
+    println!("| {} |", columns.join(" | "));
+    println!("|{}", "---|".repeat(columns.len()));
+}
+
 fn print_latencies(phases: &[Phase]) {
     freshness::header();
     for phase in phases {
@@ -380,10 +386,19 @@ fn print_latencies(phases: &[Phase]) {
 }
 
 fn print_ramp(steps: &[Phase]) {
-    println!(
-        "| target rows/s | written rows/s | path | p50 first third ms | p50 last third ms | p99 ms | max ms | unseen | served all within s of the writer's end | slot WAL unconfirmed at the end, MB | kept up |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    table_header(&[
+        "target rows/s",
+        "written rows/s",
+        "path",
+        "p50 first third ms",
+        "p50 last third ms",
+        "p99 ms",
+        "max ms",
+        "unseen",
+        "served all within s of the writer's end",
+        "slot WAL unconfirmed at the end, MB",
+        "kept up",
+    ]);
     for step in steps {
         for (i, path) in PATHS.iter().enumerate() {
             let latencies: Vec<Duration> = step.paths[i].seen.iter().map(|s| s.latency).collect();
@@ -403,8 +418,7 @@ fn print_ramp(steps: &[Phase]) {
         }
     }
     println!();
-    println!("| path | sustained rows/s until the first sign of lag growth |");
-    println!("|---|---|");
+    table_header(&["path", "sustained rows/s until the first sign of lag growth"]);
     for (i, path) in PATHS.iter().enumerate() {
         let kept: Vec<&Phase> = steps.iter().take_while(|s| s.kept_up(i)).collect();
         let verdict = match (kept.last(), kept.len() == steps.len()) {
@@ -417,47 +431,65 @@ fn print_ramp(steps: &[Phase]) {
 }
 
 fn print_cpu(named: &[(&str, &Phase)]) {
-    println!(
-        "| phase | rows | path | ingest s | Kafka + Connect s | its Postgres backends s | path total s | CPU ms per 1000 rows | Postgres (all) s | server s | writer s |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    table_header(&[
+        "phase",
+        "rows",
+        "path",
+        "ingest s",
+        "Kafka + Connect s",
+        "its Postgres backends s",
+        "path total s",
+        "CPU ms per 1000 rows",
+        "Postgres (all) s",
+        "server s",
+        "writer s",
+    ]);
+    per_phase_and_path(named, |name, phase, i| {
+        let [ingest, jvms, backends] = phase.cpu.paths[i];
+        let total = ingest + jvms + backends;
+        format!(
+            "| {name} | {} | {} | {ingest:.1} | {} | {backends:.1} | **{total:.1}** | {:.1} | {:.1} | {:.1} | {:.1} |",
+            phase.rows,
+            PATHS[i].name(),
+            if i == 0 { format!("{jvms:.1}") } else { "-".into() },
+            total * 1e6 / phase.rows.max(1) as f64,
+            phase.cpu.postgres,
+            phase.cpu.server,
+            phase.cpu.writer
+        )
+    });
+}
+
+/// Prints `line` of each phase and path (by index into `PATHS`).
+fn per_phase_and_path(named: &[(&str, &Phase)], line: impl Fn(&str, &Phase, usize) -> String) {
     for (name, phase) in named {
-        for (i, path) in PATHS.iter().enumerate() {
-            let [ingest, jvms, backends] = phase.cpu.paths[i];
-            let total = ingest + jvms + backends;
-            println!(
-                "| {name} | {} | {} | {ingest:.1} | {} | {backends:.1} | **{total:.1}** | {:.1} | {:.1} | {:.1} | {:.1} |",
-                phase.rows,
-                path.name(),
-                if i == 0 { format!("{jvms:.1}") } else { "-".into() },
-                total * 1e6 / phase.rows.max(1) as f64,
-                phase.cpu.postgres,
-                phase.cpu.server,
-                phase.cpu.writer
-            );
+        for i in 0..PATHS.len() {
+            println!("{}", line(name, phase, i));
         }
     }
 }
 
 fn print_commits(named: &[(&str, &Phase)]) {
-    println!(
-        "| phase | path | ingest commits | mean commit ms | items per commit (Kafka records / source transactions) | rows per commit |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for (name, phase) in named {
-        for (i, path) in PATHS.iter().enumerate() {
-            let c = &phase.paths[i].commits;
-            let per = |x: f64| if c.count > 0.0 { x / c.count } else { 0.0 };
-            println!(
-                "| {name} | {} | {:.0} | {:.1} | {:.1} | {:.0} |",
-                path.name(),
-                c.count,
-                per(c.seconds) * 1000.0,
-                per(c.items),
-                per(phase.rows as f64)
-            );
-        }
-    }
+    table_header(&[
+        "phase",
+        "path",
+        "ingest commits",
+        "mean commit ms",
+        "items per commit (Kafka records / source transactions)",
+        "rows per commit",
+    ]);
+    per_phase_and_path(named, |name, phase, i| {
+        let c = &phase.paths[i].commits;
+        let per = |x: f64| if c.count > 0.0 { x / c.count } else { 0.0 };
+        format!(
+            "| {name} | {} | {:.0} | {:.1} | {:.1} | {:.0} |",
+            PATHS[i].name(),
+            c.count,
+            per(c.seconds) * 1000.0,
+            per(c.items),
+            per(phase.rows as f64)
+        )
+    });
 }
 
 #[tokio::main]
