@@ -7,7 +7,10 @@ for view in response.get("views", []):
     verdict = view.get("verdict", "UNKNOWN")
     age = view.get("age", "0s")
     partitions = " ".join(
-        f"p{p.get('partition', 0)}:lag={p.get('lagRecords', '0')}" for p in view.get("partitions", [])
+        f"p{p.get('partition', 0)}:lag={p.get('lagRecords', '0')}"
+        # A direct view's slot: unconfirmed and retained WAL on the source.
+        + (f" wal={p['confirmedLagBytes']}/{p['retainedWalBytes']}B" if "retainedWalBytes" in p else "")
+        for p in view.get("partitions", [])
     )
     print(f"  {view['view']:14} verdict={verdict:9} age={age:8} {partitions}")
 for slot in response.get("replicationSlots", []):

@@ -1,11 +1,42 @@
 //! Freshness verdicts: how far behind its source a view is, from what ingest
 //! committed per partition (offsets, high watermark, newest event, last
-//! commit) and the view's budget.
+//! commit) and the view's budget; for a direct Postgres view, also the WAL
+//! its slot holds on the source.
 
 use std::time::Duration;
 
-use freshet_proto::v1::FreshnessVerdict;
-use freshet_store::offsets::PartitionStatus;
+use freshet_proto::v1::{FreshnessVerdict, PartitionFreshness, ReplicationSlot};
+use freshet_store::{offsets::PartitionStatus, view::PostgresSource};
+
+use crate::service::timestamp;
+
+/// What GetFreshness says of one partition as of `now_ms`.
+///
+/// A direct Postgres view's pseudo-partition (`postgres:<slot>`) also gets
+/// its slot's retained WAL and confirmed-flush lag from `slots`: what the
+/// server read from the source database's `pg_replication_slots` for this
+/// call. Read there, not stored by ingest with its checkpoint, because the
+/// figures matter most when ingest is down or stuck: then the slot keeps
+/// growing while a stored figure would stay frozen at ingest's last commit.
+/// The server reads that view for its `replication_slots` list anyway, so
+/// this costs no query; without `--source-database-url` (or with a slot on
+/// another server) the fields stay unset, and ingest's metrics still have
+/// them.
+pub fn partition(p: &PartitionStatus, budget: Duration, now_ms: i64, slots: &[ReplicationSlot]) -> PartitionFreshness {
+    let slot = slots.iter().find(|s| PostgresSource::topic(&s.name) == p.topic);
+    PartitionFreshness {
+        topic: p.topic.clone(),
+        partition: p.partition,
+        committed_offset: p.next_offset,
+        high_watermark: p.high_watermark,
+        lag_records: lag(p),
+        newest_event_time: p.newest_event_ms.map(timestamp),
+        last_commit_time: p.last_commit_ms.map(timestamp),
+        verdict: verdict(p, budget, now_ms) as i32,
+        retained_wal_bytes: slot.map(|s| s.retained_bytes),
+        confirmed_lag_bytes: slot.map(|s| s.lag_bytes),
+    }
+}
 
 /// The verdict for one partition as of `now_ms`.
 ///
@@ -79,5 +110,18 @@ mod tests {
         assert_eq!(verdict(&status(-1, 50, None, None), budget, now), FreshnessVerdict::Unknown);
         assert_eq!(lag(&status(10, 50, None, None)), 40);
         assert_eq!(worst([FreshnessVerdict::Fresh, FreshnessVerdict::Stale, FreshnessVerdict::Lagging]), FreshnessVerdict::Stale);
+    }
+
+    #[test]
+    fn a_slot_partition_reports_its_wal_and_a_kafka_one_none() {
+        let slots = [ReplicationSlot { name: "app".into(), active: false, lag_bytes: 300, retained_bytes: 500 }];
+        let budget = Duration::from_secs(5);
+        let slot = partition(&PartitionStatus { topic: "postgres:app".into(), ..status(10, 10, None, Some(0)) }, budget, 0, &slots);
+        assert_eq!((slot.retained_wal_bytes, slot.confirmed_lag_bytes), (Some(500), Some(300)));
+        // A topic that happens to share the slot's name is not the slot.
+        let kafka = partition(&PartitionStatus { topic: "app".into(), ..status(10, 10, None, Some(0)) }, budget, 0, &slots);
+        assert_eq!((kafka.retained_wal_bytes, kafka.confirmed_lag_bytes), (None, None));
+        let unknown = partition(&PartitionStatus { topic: "postgres:other".into(), ..status(10, 10, None, Some(0)) }, budget, 0, &slots);
+        assert_eq!(unknown.retained_wal_bytes, None);
     }
 }

@@ -96,8 +96,9 @@ struct ServeArgs {
     /// own high watermarks, not only those ingest last saw.
     #[arg(long, env = "FRESHET_KAFKA_BROKERS")]
     kafka_brokers: Option<String>,
-    /// The CDC source database (Debezium's): GetFreshness then reports its
-    /// logical replication slots and how far behind they are.
+    /// The CDC source database (Debezium's, or the direct source's): GetFreshness
+    /// then reports its logical replication slots and how far behind they
+    /// are, and a direct view's partition its slot's WAL.
     #[arg(long, env = "FRESHET_SOURCE_DATABASE_URL")]
     source_database_url: Option<String>,
     /// Redis URL of the cache; without it every read goes to Postgres.

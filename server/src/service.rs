@@ -88,6 +88,10 @@ impl FeatureService for Features {
                 p.high_watermark = p.high_watermark.max(high);
             }
         }
+        let replication_slots = match &self.source {
+            Some(source) => replication_slots(source).await.map_err(unavailable)?,
+            None => Vec::new(),
+        };
         let now_ms = now_ms();
         let views = views
             .into_iter()
@@ -95,16 +99,7 @@ impl FeatureService for Features {
                 let partitions: Vec<PartitionFreshness> = statuses
                     .iter()
                     .filter(|p| view.source.topics.contains(&p.topic))
-                    .map(|p| PartitionFreshness {
-                        topic: p.topic.clone(),
-                        partition: p.partition,
-                        committed_offset: p.next_offset,
-                        high_watermark: p.high_watermark,
-                        lag_records: freshness::lag(p),
-                        newest_event_time: p.newest_event_ms.map(timestamp),
-                        last_commit_time: p.last_commit_ms.map(timestamp),
-                        verdict: freshness::verdict(p, view.freshness_budget, now_ms) as i32,
-                    })
+                    .map(|p| freshness::partition(p, view.freshness_budget, now_ms, &replication_slots))
                     .collect();
                 let age_ms = statuses
                     .iter()
@@ -121,10 +116,6 @@ impl FeatureService for Features {
                 }
             })
             .collect();
-        let replication_slots = match &self.source {
-            Some(source) => replication_slots(source).await.map_err(unavailable)?,
-            None => Vec::new(),
-        };
         Ok(Response::new(GetFreshnessResponse { views, served_at: Some(timestamp(now_ms)), replication_slots }))
     }
 

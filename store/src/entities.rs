@@ -211,7 +211,8 @@ fn change_payloads<'a>(keys: impl IntoIterator<Item = &'a RowKey>) -> Vec<String
     let mut payload = String::from("[");
     for key in keys {
         let entry = serde_json::to_string(key).expect("strings serialize");
-        if payload.len() + entry.len() + 1 > MAX_PAYLOAD && payload.len() > 1 {
+        // Room for the comma before it and the closing bracket after it.
+        if payload.len() + 1 + entry.len() + 1 > MAX_PAYLOAD && payload.len() > 1 {
             payload.push(']');
             payloads.push(std::mem::replace(&mut payload, String::from("[")));
         }
@@ -246,6 +247,19 @@ mod tests {
         let back: Vec<RowKey> = payloads.iter().flat_map(|p| parse_changes(p)).collect();
         assert_eq!(back, keys);
         assert!(change_payloads(&[] as &[RowKey]).is_empty());
+    }
+
+    #[test]
+    fn change_payloads_stay_under_the_limit_at_every_boundary() {
+        // Keys of one length fill a payload to every possible end: at entity
+        // length 10 ("v" view) a full payload once came to 8000 bytes, which
+        // Postgres refuses, and the commit failed on every retry.
+        for len in 1..=60 {
+            let keys: Vec<RowKey> = (0..2000).map(|i| ("v".to_string(), format!("{i:0len$}"))).collect();
+            let payloads = change_payloads(&keys);
+            assert!(payloads.iter().all(|p| p.len() <= MAX_PAYLOAD), "entity length {len}: {:?}", payloads.iter().map(String::len).max());
+            assert_eq!(payloads.iter().flat_map(|p| parse_changes(p)).collect::<Vec<_>>(), keys);
+        }
     }
 
     #[test]

@@ -13,6 +13,10 @@
 #   tests/bench/run.sh ingest      exactly-once ingest beside a raw rdkafka consume loop
 #                                  (BENCH_RECORDS, BENCH_USERS, BENCH_BATCHES: one case of your own)
 #   tests/bench/run.sh freshness   Kafka append -> servable at 5000 events/s
+#   tests/bench/run.sh wal         Postgres commit -> servable through Debezium + Kafka and through the
+#                                  direct source (a replication slot), one run, one table, one writer:
+#                                  100 and 5000 rows/s, a ramp until lag grows, CPU seconds per path
+#                                  (BENCH_WAL_SECONDS, BENCH_WAL_STEPS, BENCH_WAL_STEP_SECONDS)
 #   tests/bench/run.sh soak        exactly-once under SIGKILLs, a freeze and a Postgres restart,
 #                                  two instances; exact comparison (SOAK_EVENTS=200000)
 #   tests/bench/run.sh props       the property tests with a long budget (PROPTEST_CASES=20000)
@@ -24,6 +28,7 @@ case "${1:-}" in
   serve) bench=bench_serve; services=postgres,redis ;;
   ingest) bench=bench_ingest; services=postgres,kafka ;;
   freshness) bench=bench_freshness; services=postgres,kafka; set -- kafka ;;
+  wal) bench=bench_wal; services=postgres,kafka,connect ;;
   soak) bench=bench_soak; services=postgres,kafka ;;
   props)
     # No services: the decoder, codec, view-file and request properties.
@@ -34,7 +39,7 @@ case "${1:-}" in
       generated_files_are_refused edited_reference_files any_request_is_planned valid_requests_are_accepted 2>&1 |
       awk '/^test result:/ {p += $4; f += $6} /panicked|FAILED/ {print} END {printf "property tests: %d passed, %d failed, '"$PROPTEST_CASES"' cases each\n", p, f}'
     exit 0 ;;
-  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,22p' "$0" >&2; exit 2 ;;
 esac
 [[ $bench == bench_freshness ]] || shift
 with_feast=false
@@ -55,6 +60,15 @@ export FRESHET_SERVICES_SCRIPT=$SERVICES # the soak restarts Postgres
 cd "$ROOT"
 cargo build --release --workspace --bins -q
 run=("target/release/$bench")
+if [[ $bench == bench_wal ]]; then
+  # The application database and Debezium's connector on it (as demo.sh);
+  # bench_wal adds the direct view's publication and charges CPU by pid.
+  "$SERVICES" connector "$DIR" >/dev/null
+  export BENCH_APP_URL=${FRESHET_DATABASE_URL%/*}/app BENCH_POSTGRES_PID BENCH_KAFKA_PID BENCH_CONNECT_PID
+  BENCH_POSTGRES_PID=$(head -n 1 "$DIR/postgres/data/postmaster.pid")
+  BENCH_KAFKA_PID=$(cat "$DIR/kafka/kafka.pid")
+  BENCH_CONNECT_PID=$(cat "$DIR/connect/connect.pid")
+fi
 if [[ $bench == bench_serve ]]; then
   # The server gets a core of its own (bench_serve pins it); the generator,
   # ghz, wrk, Postgres and Redis share the other.

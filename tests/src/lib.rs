@@ -6,7 +6,9 @@
 //! group and server port.
 
 pub mod acts;
+pub mod cpu;
 pub mod dlq;
+pub mod freshness;
 
 use std::{
     path::PathBuf,

@@ -3,7 +3,9 @@
 //! plus stream equals the table, SIGKILLs while the application writes and
 //! a second instance on the same slot neither lose nor double a row, bad
 //! rows and type changes go to the dead-letter table, ADD/DROP COLUMN flow
-//! on, and a removed view's slot is dropped (a foreign one never is).
+//! on, TRUNCATE retracts nothing (as through Debezium), GetFreshness shows
+//! the slot's WAL, and a removed view's slot is dropped (a foreign one
+//! never is).
 //!
 //! Each test has its own source database, publication and slot, and drops
 //! its slot at the end so the server retains no WAL for it.
@@ -14,10 +16,11 @@ use std::{
     time::Duration,
 };
 
+use freshet_proto::v1::{GetFreshnessRequest, feature_service_client::FeatureServiceClient};
 use freshet_tests::{
     Process,
     acts::{Act, Totals, reference, stored},
-    binary, eventually, fresh_database, tempfile_dir, unique, views_file,
+    binary, eventually, fresh_database, server, tempfile_dir, unique, views_file,
 };
 use rand::{Rng, SeedableRng};
 use sqlx::PgPool;
@@ -114,8 +117,12 @@ async fn table_reference(pool: &PgPool) -> Totals {
 
 /// Waits until the store equals the table, then checks it stays equal.
 async fn assert_converges(world: &World, users: i64) {
+    assert_converges_to(world, users, table_reference(&world.source).await).await;
+}
+
+/// Waits until the store equals `expected`, then checks it stays equal.
+async fn assert_converges_to(world: &World, users: i64, expected: Totals) {
     let (store, text) = (&world.store, &world.text);
-    let expected = table_reference(&world.source).await;
     let ids: Vec<i64> = (1..=users).collect();
     let converged = eventually(Duration::from_secs(120), || async { (stored(store, text, &ids).await == expected).then_some(()) }).await;
     let got = stored(store, text, &ids).await;
@@ -344,6 +351,63 @@ async fn retracting_views_need_replica_identity_full_and_say_so() {
     let got = stored_counts(&w.store, &w.text, &ids).await;
     assert!(converged.is_some(), "count and sum equal the table after deletes: {got:?} vs {expected:?}");
     drop(ingest);
+    w.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn truncate_retracts_nothing_as_through_debezium_and_streaming_goes_on() {
+    let w = World::new(|text| text).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut written = acts(&mut rng, 0, 100, 10);
+    insert(&w.source, &written).await;
+    let mut ingest = w.ingest();
+    wait_streaming(&w).await;
+    for first in [100, 200] {
+        let more = acts(&mut rng, first, 100, 10);
+        insert(&w.source, &more).await;
+        written.extend(more);
+        if first == 100 {
+            // Snapshot rows and streamed rows go from the table; their events stay.
+            sqlx::query("TRUNCATE acts").execute(&w.source).await.unwrap();
+        }
+    }
+    assert_converges_to(&w, 10, reference(&written)).await;
+    assert!(ingest.child.try_wait().unwrap().is_none(), "ingest streams on after a TRUNCATE");
+    ingest.kill();
+    w.drop_slot().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_freshness_reports_the_slots_retained_wal_and_confirmed_lag() {
+    let w = World::new(|text| text).await;
+    let mut ingest = w.ingest();
+    wait_streaming(&w).await;
+    ingest.kill();
+    // With ingest gone, what the application writes stays unconfirmed.
+    let lsn = || async { sqlx::query_scalar::<_, i64>("SELECT (pg_current_wal_lsn() - '0/0')::int8").fetch_one(&w.source).await.unwrap() };
+    let before = lsn().await;
+    insert(&w.source, &acts(&mut rand::rngs::StdRng::seed_from_u64(8), 0, 500, 10)).await;
+    let written = lsn().await - before;
+    let world = &w;
+    let freshness = |extra: Vec<String>| async move {
+        let mut extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        extra.extend(["--group", &world.group]);
+        let (_server, address) = server(&world.path, &world.store, &extra);
+        let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
+        let response = client.get_freshness(GetFreshnessRequest { views: vec![] }).await.unwrap().into_inner();
+        let partition = response.views[0].partitions.iter().find(|p| p.topic == world.topic()).cloned();
+        (partition.expect("the slot's pseudo-partition is reported"), response.replication_slots)
+    };
+    let (partition, slots) = freshness(vec!["--source-database-url".into(), w.source_url.clone()]).await;
+    let lag = partition.confirmed_lag_bytes.expect("confirmed-flush lag of the view's slot");
+    let retained = partition.retained_wal_bytes.expect("retained WAL of the view's slot");
+    assert!(lag >= written, "the {written} bytes of WAL written since ingest died are unconfirmed: {partition:?}");
+    assert!(retained >= lag, "the slot keeps at least what it has not confirmed: {partition:?}");
+    let listed = slots.iter().find(|s| s.name == w.slot).expect("the slot is listed too");
+    assert_eq!((listed.lag_bytes, listed.retained_bytes), (lag, retained), "one reading of pg_replication_slots: {listed:?}");
+    // A server that does not know the source database cannot say.
+    let (partition, _) = freshness(vec![]).await;
+    assert_eq!((partition.retained_wal_bytes, partition.confirmed_lag_bytes), (None, None), "{partition:?}");
     w.drop_slot().await;
 }
 

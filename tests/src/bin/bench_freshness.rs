@@ -5,6 +5,8 @@
 //!   server on a fresh topic and database, produces 5 000 events/s for 10 s,
 //!   every 50th for an entity of its own (a marker), and polls GetFeatures
 //!   every 10 ms for pending markers (so latencies are exact to 10 ms). Latency runs from just before the send.
+//!   Markers and their watcher: `freshet_tests::freshness`; `bench_wal`
+//!   runs the Debezium and direct paths side by side.
 //! - `bench_freshness debezium SERVER_ADDRESS APP_DATABASE_URL [SECONDS]`:
 //!   Postgres commit → servable through Debezium, against a running pipeline
 //!   (the demo's): inserts marker rows into `user_events` at 100 rows/s, each
@@ -15,63 +17,22 @@
 //! Prints p50/p95/p99/max over the markers.
 
 use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use freshet_proto::v1::{EntityKey, FeatureStatus, GetFeaturesRequest, entity_key::Key, feature_service_client::FeatureServiceClient};
-use freshet_tests::{brokers, create_topic, fresh_database, ingest, server, unique, views_file};
+use freshet_tests::{
+    brokers, create_topic, fresh_database,
+    freshness::{self, Markers},
+    ingest, server, unique, views_file,
+};
 use rdkafka::{
     ClientConfig,
     producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer},
 };
 
-/// How often pending markers are polled: fine enough to measure, coarse
-/// enough not to load the machine it measures.
-const POLL_MS: u64 = 10;
-
-type Pending = Arc<Mutex<HashMap<i64, Instant>>>;
-
-/// Polls `feature` for pending markers until `expected` have been seen;
-/// returns their latencies.
-async fn watch(address: String, feature: &str, pending: Pending, expected: usize) -> Vec<Duration> {
-    let mut client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
-    let mut seen = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while seen.len() < expected && Instant::now() < deadline {
-        let users: Vec<i64> = pending.lock().unwrap().keys().copied().take(100).collect();
-        if users.is_empty() {
-            tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-            continue;
-        }
-        let request = GetFeaturesRequest {
-            features: vec![feature.to_string()],
-            entities: users.iter().map(|u| EntityKey { key: Some(Key::Int64Key(*u)) }).collect(),
-            max_age: None,
-        };
-        let response = client.get_features(request).await.unwrap().into_inner();
-        let now = Instant::now();
-        {
-            let mut pending = pending.lock().unwrap();
-            for (user, row) in users.iter().zip(response.results) {
-                if row.values[0].status() == FeatureStatus::Present
-                    && let Some(start) = pending.remove(user)
-                {
-                    seen.push(now - start);
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
-    }
-    seen
-}
-
-fn report(what: &str, mut latencies: Vec<Duration>, expected: usize) {
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1].as_secs_f64() * 1000.0;
-    println!("| {what} | {} of {expected} | {:.1} | {:.1} | {:.1} | {:.1} |", latencies.len(), pct(0.5), pct(0.95), pct(0.99), pct(1.0));
-}
+/// How long markers may take to show once the writer is done.
+const DRAIN: Duration = Duration::from_secs(120);
 
 async fn kafka() {
     let topic = unique("fresh");
@@ -91,8 +52,11 @@ async fn kafka() {
     let seconds = 10u64;
     let every = 50u64;
     let markers = (rate * seconds / every) as usize;
-    let pending: Pending = Arc::default();
-    let watcher = tokio::spawn(watch(address.to_string(), "acts:n_1h", pending.clone(), markers));
+    let pending = Arc::new(Markers::default());
+    let watcher = tokio::spawn({
+        let pending = pending.clone();
+        async move { pending.watch(&address.to_string(), "acts:n_1h", DRAIN).await }
+    });
     let producer = std::thread::spawn({
         let pending = pending.clone();
         move || {
@@ -110,7 +74,7 @@ async fn kafka() {
                 let value = format!(r#"{{"user": {user}, "at": {at}}}"#);
                 let key = user.to_string();
                 if marker {
-                    pending.lock().unwrap().insert(user, Instant::now());
+                    pending.written(user, Instant::now());
                 }
                 let mut record = BaseRecord::to(&topic).key(&key).payload(&value);
                 while let Err((_, r)) = producer.send(record) {
@@ -122,10 +86,10 @@ async fn kafka() {
         }
     });
     producer.join().unwrap();
-    let latencies = watcher.await.unwrap();
-    println!("| path | markers seen | p50 ms | p95 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|---|");
-    report(&format!("Kafka append → servable, {rate} events/s"), latencies, markers);
+    pending.close();
+    let seen = watcher.await.unwrap();
+    freshness::header();
+    freshness::row(&format!("Kafka append → servable, {rate} events/s"), &seen, markers);
 }
 
 /// Postgres commit → servable against a running pipeline, `through` it.
@@ -133,20 +97,23 @@ async fn commit_to_servable(through: &str, address: String, app_url: String, sec
     let app = sqlx::PgPool::connect(&app_url).await.unwrap();
     let rate = 100u64;
     let markers = (rate * seconds) as usize;
-    let pending: Pending = Arc::default();
-    let watcher = tokio::spawn(watch(address, "user_activity:events_1h", pending.clone(), markers));
+    let pending = Arc::new(Markers::default());
+    let watcher = tokio::spawn({
+        let pending = pending.clone();
+        async move { pending.watch(&address, "user_activity:events_1h", DRAIN).await }
+    });
     let base = 2_000_000_000 + (std::process::id() as i64) * 100_000;
     let start = Instant::now();
     for i in 0..markers as u64 {
         tokio::time::sleep_until((start + Duration::from_secs_f64(i as f64 / rate as f64)).into()).await;
         let user = base + i as i64;
         sqlx::query("INSERT INTO user_events (user_id, event_type) VALUES ($1, 'freshness-probe')").bind(user).execute(&app).await.unwrap();
-        pending.lock().unwrap().insert(user, Instant::now());
+        pending.written(user, Instant::now());
     }
-    let latencies = watcher.await.unwrap();
-    println!("| path | markers seen | p50 ms | p95 ms | p99 ms | max ms |");
-    println!("|---|---|---|---|---|---|");
-    report(&format!("Postgres commit → servable through {through}, {rate} rows/s"), latencies, markers);
+    pending.close();
+    let seen = watcher.await.unwrap();
+    freshness::header();
+    freshness::row(&format!("Postgres commit → servable through {through}, {rate} rows/s"), &seen, markers);
 }
 
 #[tokio::main]

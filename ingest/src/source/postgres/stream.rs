@@ -329,11 +329,21 @@ impl SlotStream {
                             self.row(txn, known(&relations, relation)?, &RowChange::Update(old.as_ref(), &new), lsn)
                         }
                         Message::Delete { relation, old } => self.row(txn, known(&relations, relation)?, &RowChange::Delete(&old), lsn),
+                        // As through Debezium (a truncate event names no
+                        // rows): features are made of events, and a TRUNCATE
+                        // retracts none, whatever `on_delete` says.
                         Message::Truncate { relations: truncated } => {
                             for oid in truncated {
                                 let r = known(&relations, oid)?;
-                                if self.tables.contains_key(&(r.schema.clone(), r.name.clone())) {
-                                    tracing::warn!(table = format!("{}.{}", r.schema, r.name), "TRUNCATE is not applied to feature state");
+                                if let Some(views) = self.tables.get(&(r.schema.clone(), r.name.clone())) {
+                                    let views: Vec<&str> = views.iter().map(|&i| self.shared.catalog.views[i].name.as_str()).collect();
+                                    tracing::warn!(
+                                        table = format!("{}.{}", r.schema, r.name),
+                                        lsn = %Lsn(lsn as u64),
+                                        views = views.join(","),
+                                        "TRUNCATE retracts nothing from the views' features: the events of the removed rows still count \
+                                         (as through Debezium); to recompute a view, see deploy/views/direct.toml"
+                                    );
                                 }
                             }
                         }

@@ -5,7 +5,9 @@
 //! CPU time per call is the figure that compares systems fairly on a small
 //! shared machine: it does not depend on who else got the cores.
 
-use std::{collections::BTreeMap, process::Command, sync::OnceLock};
+use std::{collections::BTreeMap, process::Command};
+
+use freshet_tests::cpu::ProcessTable;
 
 /// A scrape of `/metrics`: `name{labels}` → value.
 pub type Metrics = BTreeMap<String, f64>;
@@ -28,8 +30,8 @@ pub struct Cpu {
 
 impl Processes {
     pub fn cpu(&self) -> Cpu {
-        let table = process_table();
-        let of = |pid: Option<u32>| pid.map_or(0.0, |pid| tree_seconds(&table, pid));
+        let table = ProcessTable::now();
+        let of = |pid: Option<u32>| pid.map_or(0.0, |pid| table.tree_seconds(pid));
         Cpu { server: of(Some(self.server)), redis: of(self.redis), postgres: of(self.postgres) }
     }
 }
@@ -40,49 +42,6 @@ impl Cpu {
         let per = |now: f64, then: f64| (now - then) * 1e6 / calls.max(1) as f64;
         Cpu { server: per(self.server, before.server), redis: per(self.redis, before.redis), postgres: per(self.postgres, before.postgres) }
     }
-}
-
-/// One process from /proc/<pid>/stat.
-struct Stat {
-    ppid: u32,
-    /// utime + stime + cutime + cstime: its own time and that of children it
-    /// has reaped, so a Postgres backend that exits mid-case still counts.
-    ticks: u64,
-}
-
-fn stat(pid: u32) -> Option<Stat> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name, which may itself hold spaces and ')'.
-    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
-    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-    Some(Stat { ppid: field(4)? as u32, ticks: field(14)? + field(15)? + field(16)? + field(17)? })
-}
-
-fn process_table() -> BTreeMap<u32, Stat> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|pid| Some((pid, stat(pid)?)))
-        .collect()
-}
-
-/// CPU seconds of `root` and every live descendant.
-fn tree_seconds(table: &BTreeMap<u32, Stat>, root: u32) -> f64 {
-    let mut pids = vec![root];
-    let mut ticks = 0;
-    while let Some(pid) = pids.pop() {
-        ticks += table.get(&pid).map_or(0, |s| s.ticks);
-        pids.extend(table.iter().filter(|(_, s)| s.ppid == pid).map(|(p, _)| *p));
-    }
-    ticks as f64 / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: OnceLock<f64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        let out = Command::new("getconf").arg("CLK_TCK").output().expect("getconf CLK_TCK");
-        String::from_utf8_lossy(&out.stdout).trim().parse().expect("CLK_TCK is a number")
-    })
 }
 
 /// Resident memory of `pid`, in MiB.
