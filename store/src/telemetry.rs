@@ -26,9 +26,10 @@ use opentelemetry::{
     trace::TracerProvider as _,
 };
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use tracing::Level;
 use tracing_subscriber::{
     EnvFilter, Layer as _,
-    filter::{FilterExt, filter_fn},
+    filter::{LevelFilter, filter_fn},
     layer::SubscriberExt,
     util::SubscriberInitExt,
 };
@@ -66,8 +67,17 @@ pub fn init(service: &'static str) -> Result<Telemetry, Box<dyn std::error::Erro
     // call would build one (fields formatted, registry slot taken) for no one.
     let spans_in_logs = endpoint || std::env::var_os("RUST_LOG").is_some_and(|v| !v.is_empty());
     let json = std::env::var("FRESHET_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let logs = if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() }
-        .with_filter(filter.and(filter_fn(move |meta| spans_in_logs || meta.is_event())));
+    let logs = if json { tracing_subscriber::fmt::layer().json().boxed() } else { tracing_subscriber::fmt::layer().boxed() };
+    // One filter, not an `EnvFilter` combined with another: combined
+    // (`and`), they silenced every log line of an ingest streaming from a
+    // replication slot.
+    let logs = match spans_in_logs {
+        true => logs.with_filter(filter).boxed(),
+        // RUST_LOG unset (so `info`) and nothing exported: events only.
+        false => logs
+            .with_filter(filter_fn(|meta| meta.is_event() && *meta.level() <= Level::INFO).with_max_level_hint(LevelFilter::INFO))
+            .boxed(),
+    };
     let provider = if endpoint {
         let exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().build()?;
         let mut resource = Resource::builder();

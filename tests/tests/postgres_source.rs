@@ -447,3 +447,22 @@ async fn stored_counts(url: &str, text: &str, users: &[i64]) -> Vec<(i64, i64, i
     counts.sort_unstable();
     counts
 }
+
+/// At the default level (RUST_LOG unset), an ingest streaming from a slot
+/// says so: a log filter combined of two once silenced every line it wrote.
+#[tokio::test]
+async fn logs_at_the_default_level() {
+    use std::io::BufRead;
+    let world = World::new(|text| text).await;
+    let mut command = world.command("run", &world.path);
+    command.env_remove("RUST_LOG").stdout(Stdio::piped());
+    let mut ingest = Process::start(&mut command);
+    let stdout = ingest.child.stdout.take().unwrap();
+    let streaming = tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(stdout).lines().map_while(Result::ok).any(|line| line.contains("postgres source streaming"))
+    });
+    let logged = tokio::time::timeout(Duration::from_secs(60), streaming).await.expect("a log line within 60 s").unwrap();
+    assert!(logged, "ingest exited without logging that it streams");
+    drop(ingest);
+    world.drop_slot().await;
+}
