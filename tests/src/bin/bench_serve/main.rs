@@ -512,6 +512,8 @@ async fn main() {
         let server = Server::start(&views, &url, &mode.args(&redis, hot_tier, 10_000), &[], &cores, stores);
         let channels = load::connect(server.address).await;
         warm_and_check(channels[0].clone()).await;
+        // The tier's gauges are updated every second.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let rss = probe::rss_mib(server.processes.server);
         hot_tier_notes.push(format!("{}: {}, server RSS {rss:.0} MiB", mode.name(), hot_tier_held(&server.snapshot().await.metrics)));
         let empty = Load::new(&channels, HEALTH, vec![Bytes::new()]);
