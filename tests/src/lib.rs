@@ -9,6 +9,7 @@ pub mod acts;
 pub mod cpu;
 pub mod dlq;
 pub mod freshness;
+pub mod histogram;
 
 use std::{
     path::PathBuf,

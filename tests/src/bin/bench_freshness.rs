@@ -14,7 +14,9 @@
 //! - `bench_freshness direct …`: the same against the demo's `--direct`
 //!   pipeline (freshet-ingest streaming the table from a replication slot).
 //!
-//! Prints p50/p95/p99/max over the markers.
+//! Prints p50/p95/p99/max over the markers; for `kafka`, also ingest's own
+//! commit durations and batch sizes over the same run (from its /metrics),
+//! to tell ingest's share of a tail from the rest.
 
 use std::{
     sync::Arc,
@@ -24,7 +26,8 @@ use std::{
 use freshet_tests::{
     brokers, create_topic, fresh_database,
     freshness::{self, Markers},
-    ingest, server, unique, views_file,
+    histogram::Histogram,
+    ingest_with, scrape, server, unique, views_file,
 };
 use rdkafka::{
     ClientConfig,
@@ -44,7 +47,8 @@ async fn kafka() {
     );
     let (_dir, path) = views_file(&views);
     let url = fresh_database().await;
-    let _ingest = ingest(&path, &url, &unique("g"), "fresh");
+    let metrics = freshet_tests::free_port();
+    let _ingest = ingest_with(&path, &url, &unique("g"), "fresh", &["--metrics-listen", &format!("127.0.0.1:{metrics}")]);
     let (_server, address) = server(&path, &url, &[]);
     tokio::time::sleep(Duration::from_secs(5)).await; // group join
 
@@ -57,6 +61,7 @@ async fn kafka() {
         let pending = pending.clone();
         async move { pending.watch(&address.to_string(), "acts:n_1h", DRAIN).await }
     });
+    let before = scrape(metrics).await;
     let producer = std::thread::spawn({
         let pending = pending.clone();
         move || {
@@ -88,8 +93,26 @@ async fn kafka() {
     producer.join().unwrap();
     pending.close();
     let seen = watcher.await.unwrap();
+    let after = scrape(metrics).await;
     freshness::header();
     freshness::row(&format!("Kafka append → servable, {rate} events/s"), &seen, markers);
+    let commits = |m| Histogram::of(m, "freshet_ingest_commit_duration_seconds", "");
+    let commits = commits(&after).since(&commits(&before));
+    let records = |m: &std::collections::BTreeMap<String, f64>| m.get("freshet_ingest_batch_records_sum").copied().unwrap_or(0.0);
+    println!();
+    println!("Ingest's commits over the same run (its histogram, interpolated inside buckets):");
+    println!();
+    println!("| commits | records per commit | commit p50 ms | p95 | p99 | p99.9 |");
+    println!("|---|---|---|---|---|---|");
+    println!(
+        "| {:.0} | {:.0} | {} | {} | {} | {} |",
+        commits.count(),
+        (records(&after) - records(&before)) / commits.count().max(1.0),
+        commits.quantile_ms(0.5),
+        commits.quantile_ms(0.95),
+        commits.quantile_ms(0.99),
+        commits.quantile_ms(0.999)
+    );
 }
 
 /// Postgres commit → servable against a running pipeline, `through` it.

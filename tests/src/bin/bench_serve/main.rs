@@ -44,9 +44,10 @@ use freshet_store::{
     state::{Direction, EntityState, Event, Scalar},
     view::Catalog,
 };
+use freshet_tests::histogram::Histogram;
 use freshet_tests::{Process, env, fresh_database, unique, views_file};
 use load::{Load, Outcome, Sample};
-use probe::{Cpu, Histogram, Metrics, Processes};
+use probe::{Cpu, Metrics, Processes};
 use prost::{Message, bytes::Bytes};
 use rand::{SeedableRng, seq::SliceRandom};
 
@@ -252,10 +253,11 @@ struct Delta {
 
 impl Snapshot {
     fn until(&self, later: &Snapshot, path: &str, calls: usize) -> Delta {
-        let method = path.rsplit('/').next().unwrap();
+        const CALLS: &str = "freshet_server_call_duration_seconds";
+        let label = format!("method=\"{}\"", path.rsplit('/').next().unwrap());
         Delta {
             cpu: later.cpu.per_call_since(&self.cpu, calls),
-            server: Some(Histogram::of(&later.metrics, method).since(&Histogram::of(&self.metrics, method))),
+            server: Some(Histogram::of(&later.metrics, CALLS, &label).since(&Histogram::of(&self.metrics, CALLS, &label))),
             reads: probe::cache_reads(&self.metrics, &later.metrics),
         }
     }

@@ -76,70 +76,7 @@ pub fn allowed_cpus(pid: u32) -> Vec<String> {
     lists
 }
 
-/// A latency histogram of one method, as the server exports it:
-/// (upper bound in seconds, calls at or below it), cumulative.
-#[derive(Clone, Default)]
-pub struct Histogram(Vec<(f64, f64)>);
-
-const BUCKETS: &str = "freshet_server_call_duration_seconds_bucket{";
 const CACHE_READS: &str = "freshet_server_cache_reads_total{outcome=\"";
-
-impl Histogram {
-    /// `method`'s buckets in a scrape of the server's `/metrics`.
-    pub fn of(metrics: &Metrics, method: &str) -> Histogram {
-        let wanted = format!("method=\"{method}\"");
-        let mut buckets: Vec<(f64, f64)> = metrics
-            .iter()
-            .filter_map(|(key, &count)| {
-                let labels = key.strip_prefix(BUCKETS)?.trim_end_matches('}');
-                if !labels.split(',').any(|l| l == wanted) {
-                    return None;
-                }
-                let le = labels.split("le=\"").nth(1)?.trim_end_matches('"');
-                let bound = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-                Some((bound, count))
-            })
-            .collect();
-        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-        Histogram(buckets)
-    }
-
-    /// The calls observed since `before`.
-    pub fn since(&self, before: &Histogram) -> Histogram {
-        Histogram(
-            self.0
-                .iter()
-                .map(|&(bound, count)| {
-                    let earlier = before.0.iter().find(|(b, _)| *b == bound).map_or(0.0, |(_, c)| *c);
-                    (bound, count - earlier)
-                })
-                .collect(),
-        )
-    }
-
-    /// The `q` quantile in ms, interpolated linearly inside its bucket as
-    /// Prometheus' `histogram_quantile` does; "> x" when it falls past the
-    /// last finite bound.
-    pub fn quantile_ms(&self, q: f64) -> String {
-        let total = self.0.last().map_or(0.0, |(_, c)| *c);
-        if total == 0.0 {
-            return "-".into();
-        }
-        let rank = q * total;
-        let (mut lower, mut below) = (0.0, 0.0);
-        for &(bound, count) in &self.0 {
-            if count >= rank {
-                if bound.is_infinite() {
-                    return format!("> {:.0}", lower * 1000.0);
-                }
-                let inside = if count > below { (rank - below) / (count - below) } else { 1.0 };
-                return format!("{:.2}", (lower + (bound - lower) * inside) * 1000.0);
-            }
-            (lower, below) = (bound, count);
-        }
-        "-".into()
-    }
-}
 
 /// GetFeatures reads by where their rows came from, between two scrapes,
 /// as shares: "hit 98%, miss 2%".
@@ -164,17 +101,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quantiles_interpolate_inside_the_bucket_that_holds_them() {
-        let h = Histogram(vec![(0.001, 50.0), (0.002, 100.0), (f64::INFINITY, 100.0)]);
-        assert_eq!(h.quantile_ms(0.5), "1.00");
-        assert_eq!(h.quantile_ms(0.75), "1.50");
-        let later = Histogram(vec![(0.001, 60.0), (0.002, 110.0), (f64::INFINITY, 200.0)]);
-        assert_eq!(later.since(&h).quantile_ms(0.99), "> 2");
-        assert_eq!(Histogram::default().quantile_ms(0.5), "-");
-    }
-
-    #[test]
-    fn buckets_and_cache_reads_are_read_from_a_scrape() {
+    fn cache_reads_are_read_from_a_scrape() {
         let scrape = |hit: f64, le1: f64| -> Metrics {
             [
                 ("freshet_server_call_duration_seconds_bucket{method=\"GetFeatures\",le=\"0.001\"}", le1),
@@ -187,8 +114,6 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v))
             .collect()
         };
-        let h = Histogram::of(&scrape(0.0, 4.0), "GetFeatures");
-        assert_eq!(h.0, vec![(0.001, 4.0), (f64::INFINITY, 10.0)]);
         assert_eq!(cache_reads(&scrape(0.0, 0.0), &scrape(3.0, 0.0)), "hit 100%");
         assert_eq!(cache_reads(&scrape(0.0, 0.0), &scrape(0.0, 0.0)), "-");
     }
