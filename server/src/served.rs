@@ -21,7 +21,7 @@
 use std::mem::size_of;
 
 use freshet_store::{
-    state::{EntityState, LastValue, Reading, Scalar, Tile, Window, tile_width_ms},
+    state::{EntityState, LastValue, Reading, Scalar, Tile, Tiled, Window},
     view::{Aggregation, Feature, FeatureView},
 };
 
@@ -55,6 +55,17 @@ struct Count {
     newest_ms: i64,
 }
 
+impl Tiled for Count {
+    fn start_ms(&self) -> i64 {
+        self.start_ms
+    }
+
+    fn add_to(&self, total: &mut Window) {
+        total.count += self.count;
+        total.newest_ms = total.newest_ms.max(self.newest_ms);
+    }
+}
+
 impl Served {
     pub fn new(state: &EntityState, view: &FeatureView) -> Served {
         let tiles = |key: &str| state.series.get(key).map_or(&[][..], Vec::as_slice);
@@ -85,17 +96,7 @@ impl Served {
         let range = start as usize..end as usize;
         match counts {
             false => Window::of(&self.values[range], window_ms, now_ms),
-            true => {
-                let tiles = &self.counts[range];
-                let width = tile_width_ms(window_ms);
-                let first = tiles.partition_point(|t| t.start_ms + width <= now_ms - window_ms);
-                let mut total = Window::EMPTY;
-                for tile in &tiles[first..] {
-                    total.count += tile.count;
-                    total.newest_ms = total.newest_ms.max(tile.newest_ms);
-                }
-                total
-            }
+            true => Window::of(&self.counts[range], window_ms, now_ms),
         }
     }
 
