@@ -5,6 +5,7 @@
 //! `views` checks a feature-view file and prints what it declares.
 
 mod cache;
+mod coalesce;
 mod commits;
 mod evaluate;
 mod freshness;
@@ -24,6 +25,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use freshet_proto::v1::{FILE_DESCRIPTOR_SET, feature_service_server::FeatureServiceServer};
 use freshet_store::{db, view::Catalog};
+use futures::TryStreamExt as _;
 
 /// glibc malloc and free were a tenth of a call's CPU; jemalloc, as in
 /// ingest, takes less (see tests/bench/README.md).
@@ -245,6 +247,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     println!("freshet-server listening on {address}");
     tracing::info!(%address, "serving");
 
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stopping, stopped) = tokio::sync::oneshot::channel();
     let server = builder
         .layer(layers::compose(&limits))
@@ -252,7 +255,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)), async {
+        .serve_with_incoming_shutdown(incoming.map_ok(coalesce::Coalesced::new), async {
             shutdown_signal().await;
             probe.abort();
             let _ = probe.await;
