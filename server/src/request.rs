@@ -71,7 +71,7 @@ pub fn plan<'a>(catalog: &'a Catalog, request: &GetFeaturesRequest, limits: Limi
     let (columns, views) = resolve_features(catalog, &request.features)?;
     let key_type = views[0].entity_type;
     let mut entities: Vec<String> = Vec::new();
-    let mut index: HashMap<String, usize> = HashMap::new();
+    let mut index: HashMap<String, usize> = HashMap::with_capacity(request.entities.len());
     let mut rows = Vec::with_capacity(request.entities.len());
     for (i, key) in request.entities.iter().enumerate() {
         let key = canonical_key(key, key_type).map_err(|m| invalid(&format!("entities[{i}]"), &m))?;
@@ -165,6 +165,7 @@ type Windows = (Vec<(usize, usize, i64)>, Vec<Option<usize>>);
 fn windows_of(columns: &[(usize, &Feature)]) -> Windows {
     let mut windows = Vec::new();
     let mut index: HashMap<(usize, usize, i64), usize, foldhash::fast::RandomState> = HashMap::default();
+    index.reserve(columns.len());
     let column_windows = columns
         .iter()
         .map(|&(view, feature)| {

@@ -21,7 +21,7 @@
 use std::mem::size_of;
 
 use freshet_store::{
-    state::{EntityState, LastValue, Reading, Scalar, Tile, Tiled, Window},
+    state::{EntityState, LastValue, Reading, Scalar, Tile, Window},
     view::{Aggregation, Feature, FeatureView},
 };
 
@@ -48,22 +48,16 @@ struct Span {
     end: u32,
 }
 
+/// A tile of a series of counts, holding the totals from it to the
+/// series' newest tile: a window always runs to the newest, so it reads
+/// one tile (found by a binary search) instead of adding up all of its own.
 #[derive(Debug, Clone, Copy)]
 struct Count {
     start_ms: i64,
+    /// Events in this tile and every newer one.
     count: i64,
+    /// The newest event time of this tile and every newer one.
     newest_ms: i64,
-}
-
-impl Tiled for Count {
-    fn start_ms(&self) -> i64 {
-        self.start_ms
-    }
-
-    fn add_to(&self, total: &mut Window) {
-        total.count += self.count;
-        total.newest_ms = total.newest_ms.max(self.newest_ms);
-    }
 }
 
 impl Served {
@@ -79,6 +73,12 @@ impl Served {
                 let start = if counts_series { counts.len() } else { values.len() };
                 if counts_series {
                     counts.extend(tiles.iter().map(|t| Count { start_ms: t.start_ms, count: t.count, newest_ms: t.newest_ms }));
+                    let mut newer = Count { start_ms: 0, count: 0, newest_ms: i64::MIN };
+                    for tile in counts[start..].iter_mut().rev() {
+                        tile.count += newer.count;
+                        tile.newest_ms = tile.newest_ms.max(newer.newest_ms);
+                        newer = *tile;
+                    }
                 } else {
                     values.extend_from_slice(tiles);
                 }
@@ -96,7 +96,13 @@ impl Served {
         let range = start as usize..end as usize;
         match counts {
             false => Window::of(&self.values[range], window_ms, now_ms),
-            true => Window::of(&self.counts[range], window_ms, now_ms),
+            true => {
+                let counts = &self.counts[range];
+                match counts.get(Window::first(counts, |c| c.start_ms, window_ms, now_ms)) {
+                    Some(totals) => Window { count: totals.count, newest_ms: totals.newest_ms, ..Window::EMPTY },
+                    None => Window::EMPTY,
+                }
+            }
         }
     }
 

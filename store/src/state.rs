@@ -281,27 +281,6 @@ impl LastValue {
     }
 }
 
-/// A tile as a window combines it: [`Tile`], or a lighter form that keeps
-/// only what its series' features read (the server's count tiles).
-pub trait Tiled {
-    fn start_ms(&self) -> i64;
-    fn add_to(&self, total: &mut Window);
-}
-
-impl Tiled for Tile {
-    fn start_ms(&self) -> i64 {
-        self.start_ms
-    }
-
-    fn add_to(&self, total: &mut Window) {
-        total.count += self.count;
-        total.sum += self.sum;
-        total.min = total.min.min(self.min);
-        total.max = total.max.max(self.max);
-        total.newest_ms = total.newest_ms.max(self.newest_ms);
-    }
-}
-
 /// The tiles of one series inside one window, combined.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Window {
@@ -318,14 +297,24 @@ impl Window {
     /// The `tiles` (sorted by start) that a window of `window_ms` ending at
     /// `now_ms` overlaps, combined in one pass: those too old are skipped by
     /// a binary search, not visited.
-    pub fn of<T: Tiled>(tiles: &[T], window_ms: i64, now_ms: i64) -> Window {
-        let width = tile_width_ms(window_ms);
-        let first = tiles.partition_point(|t| t.start_ms() + width <= now_ms - window_ms);
+    pub fn of(tiles: &[Tile], window_ms: i64, now_ms: i64) -> Window {
         let mut total = Window::EMPTY;
-        for tile in &tiles[first..] {
-            tile.add_to(&mut total);
+        for tile in &tiles[Window::first(tiles, |t| t.start_ms, window_ms, now_ms)..] {
+            total.count += tile.count;
+            total.sum += tile.sum;
+            total.min = total.min.min(tile.min);
+            total.max = total.max.max(tile.max);
+            total.newest_ms = total.newest_ms.max(tile.newest_ms);
         }
         total
+    }
+
+    /// Of `tiles` sorted by start (`start_ms`), the first that a window of
+    /// `window_ms` ending at `now_ms` overlaps: it and all after it are in
+    /// the window.
+    pub fn first<T>(tiles: &[T], start_ms: impl Fn(&T) -> i64, window_ms: i64, now_ms: i64) -> usize {
+        let width = tile_width_ms(window_ms);
+        tiles.partition_point(|t| start_ms(t) + width <= now_ms - window_ms)
     }
 
     /// What windowed `feature` reads as, given this total of its window, for
