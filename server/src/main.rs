@@ -75,6 +75,17 @@ struct ServeArgs {
     /// Ingest's consumer group, whose progress GetFreshness reports.
     #[arg(long, env = "FRESHET_GROUP", default_value = "freshet")]
     group: String,
+    /// Whether the frames of the answers ready at one time go to the socket
+    /// in one write (see server/src/coalesce.rs); false writes each as tonic
+    /// does alone.
+    #[arg(long, env = "FRESHET_COALESCE_WRITES", default_value_t = true, action = clap::ArgAction::Set)]
+    coalesce_writes: bool,
+    /// Streams one HTTP/2 connection may have open at once (its
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); a client past it waits on its
+    /// side. Without a bound a flooding client opens a stream, and the server
+    /// a task, for every call it sends, and memory grows with its backlog.
+    #[arg(long, env = "FRESHET_MAX_STREAMS_PER_CONNECTION", default_value_t = 200)]
+    max_streams_per_connection: u32,
     /// Calls in flight before new ones are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "FRESHET_MAX_IN_FLIGHT", default_value_t = 256)]
     max_in_flight: usize,
@@ -232,7 +243,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let default_deadline = Duration::from_millis(args.default_deadline_ms);
     let limits = layers::Limits { max_in_flight: args.max_in_flight, default_deadline, metrics: metrics.clone(), tokens };
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder().max_concurrent_streams(args.max_streams_per_connection);
     if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
         let identity = tonic::transport::Identity::from_pem(
             std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
@@ -255,7 +266,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(FeatureServiceServer::new(features).max_decoding_message_size(args.max_request_bytes))
-        .serve_with_incoming_shutdown(incoming.map_ok(coalesce::Coalesced::new), async {
+        .serve_with_incoming_shutdown(incoming.map_ok(|tcp| coalesce::Coalesced::new(tcp, args.coalesce_writes)), async {
             shutdown_signal().await;
             probe.abort();
             let _ = probe.await;

@@ -240,6 +240,42 @@ async fn excess_calls_are_shed_at_once_and_deadlines_are_honoured() {
     assert!(c.get_features(request()).await.is_ok());
 }
 
+/// A client pushing calls faster than they are answered holds the excess
+/// on its own side: one connection has at most
+/// `--max-streams-per-connection` calls open at the server, so the server's
+/// memory does not grow with the client's backlog (tonic alone sets no
+/// bound).
+#[tokio::test]
+async fn one_connection_has_only_so_many_calls_open() {
+    let url = fresh_database().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--max-streams-per-connection", "3", "--max-in-flight", "100", "--default-deadline-ms", "60000", "--metrics-listen", &listen];
+    let (_server, address) = server(&reference_views(), &url, &args);
+    // One channel: one HTTP/2 connection.
+    let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();
+    let blocker = lock_feature_state(&url).await;
+    let request = || GetFeaturesRequest { features: vec!["orders:spend_1h".into()], entities: ids(&[1]), max_age: None };
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.get_features(request()).await.map(|_| ()) })
+        })
+        .collect();
+    let in_flight = || async { scrape(port).await.get("freshet_server_in_flight_calls").copied() };
+    let three = eventually(Duration::from_secs(10), || async { in_flight().await.filter(|n| *n == 3.0) }).await;
+    assert_eq!(three, Some(3.0), "three calls reach the server");
+    // The other three wait in the client, neither sent nor refused.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = scrape(port).await;
+    assert_eq!(m.get("freshet_server_in_flight_calls"), Some(&3.0), "{m:?}");
+    assert_eq!(m.get("freshet_server_shed_calls_total"), Some(&0.0), "{m:?}");
+    drop(blocker);
+    for call in calls {
+        call.await.unwrap().expect("every call is answered once the lock is gone");
+    }
+}
+
 #[tokio::test]
 async fn grpcurl_lists_describes_and_calls() {
     let url = fresh_database().await;
