@@ -20,7 +20,10 @@ use crate::{reader::Rows, request::Plan, service::timestamp};
 /// Values evaluated between two deadline checks (and yields): tens of µs
 /// of work, so that with one runtime thread a call refused under overload
 /// waits behind slices that short, not behind whole 1,000-value calls.
-const CHUNK: usize = 256;
+/// Serving bench, 100 × 10 at 5× capacity, refusals p50 / p99 from the
+/// send: 2,048 values 3.5–10 ms; 256, 1.0 / 1.7–2.9 ms; 128, 0.33 /
+/// 1.6 ms; 64, 0.24 / 1.4 ms, with goodput down a further 11%.
+const CHUNK: usize = 128;
 
 /// The values of each of `plan.entities`, one per column; `expired` says
 /// whether the call's deadline has passed.
