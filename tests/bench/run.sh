@@ -8,7 +8,7 @@
 #                                  --with-feast: Feast's Python feature server on the same data
 #                                  (BENCH_SERVER_CPUS=0, BENCH_LOAD_CPUS=1 by default; everything
 #                                  measured runs at BENCH_NICE, -10 as root, ahead of other builds)
-#                                  BENCH_ONLY=hot-all,overload: only those parts (modes hot, hot-all,
+#                                  BENCH_ONLY=hot-all,overload: only those parts (modes hot, hot-uncoalesced, hot-all,
 #                                  redis, postgres; overload; tracing)
 #   tests/bench/run.sh ingest      exactly-once ingest beside a raw rdkafka consume loop
 #                                  (BENCH_RECORDS, BENCH_USERS, BENCH_BATCHES: one case of your own)

@@ -250,7 +250,8 @@ async fn one_connection_has_only_so_many_calls_open() {
     let url = fresh_database().await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let args = ["--max-streams-per-connection", "3", "--max-in-flight", "100", "--default-deadline-ms", "60000", "--metrics-listen", &listen];
+    let args =
+        ["--max-streams-per-connection", "3", "--max-in-flight", "100", "--default-deadline-ms", "60000", "--metrics-listen", &listen];
     let (_server, address) = server(&reference_views(), &url, &args);
     // One channel: one HTTP/2 connection.
     let client = FeatureServiceClient::connect(format!("http://{address}")).await.unwrap();

@@ -1,6 +1,8 @@
 //! The project's own load generator, kept cheap so that what it measures is
 //! the server: every request is encoded once, before the clock starts, and
-//! sent as raw bytes; answers are counted, never decoded.
+//! sent as raw bytes straight on h2 (no tonic channel, whose buffer task is
+//! one more hop per call); answers are counted, never decoded. Each call
+//! reads its status from the trailers, as any gRPC client does.
 //!
 //! Two ways to load a server: a closed loop (callers back to back, for
 //! capacity) and an open loop (calls sent on a fixed schedule whatever the
@@ -10,6 +12,7 @@
 //! reported beside the latencies it would otherwise hide in.
 
 use std::{
+    net::SocketAddr,
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -17,25 +20,21 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prost::bytes::{Buf, BufMut, Bytes};
-use tonic::{
-    Code, Status,
-    client::Grpc,
-    codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
-    codegen::http::uri::PathAndQuery,
-    transport::Channel,
-};
+use h2::client::SendRequest;
+use prost::bytes::{BufMut, Bytes, BytesMut};
+use tonic::Code;
 
 /// HTTP/2 connections the generator spreads its calls over.
 const CONNECTIONS: usize = 4;
 
-/// A method and the requests to send it, encoded; calls cycle through them.
+/// A method and the requests to send it, framed; calls cycle through them.
 #[derive(Clone)]
 pub struct Load(Arc<Inner>);
 
 struct Inner {
-    channels: Vec<Grpc<Channel>>,
-    path: PathAndQuery,
+    connections: Vec<SendRequest<Bytes>>,
+    uri: http::Uri,
+    /// Each a gRPC message: uncompressed flag, length, bytes.
     requests: Vec<Bytes>,
     failed: AtomicBool,
 }
@@ -63,22 +62,51 @@ pub enum Outcome {
 }
 
 /// Connections to one server, shared by the loads sent to it.
-pub async fn connect(address: std::net::SocketAddr) -> Vec<Channel> {
-    let mut channels = Vec::with_capacity(CONNECTIONS);
+#[derive(Clone)]
+pub struct Connections {
+    address: SocketAddr,
+    senders: Vec<SendRequest<Bytes>>,
+}
+
+pub async fn connect(address: SocketAddr) -> Connections {
+    let mut senders = Vec::with_capacity(CONNECTIONS);
     for _ in 0..CONNECTIONS {
-        channels.push(Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap());
+        let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        // Windows wide enough that the server never has to split an answer
+        // to fit them: a generator that falls behind would otherwise hold
+        // many small fragments, which h2 takes for a flood
+        // (GOAWAY "too_many_data_frames").
+        let (sender, connection) =
+            h2::client::Builder::new().initial_window_size(4 << 20).initial_connection_window_size(64 << 20).handshake(tcp).await.unwrap();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                eprintln!("bench_serve: connection ended: {e}");
+            }
+        });
+        senders.push(sender);
     }
-    channels
+    Connections { address, senders }
 }
 
 impl Load {
-    /// `requests` to `path` (`/package.Service/Method`), over `channels`.
-    pub fn new(channels: &[Channel], path: &'static str, requests: Vec<Bytes>) -> Load {
+    /// `requests` to `path` (`/package.Service/Method`), over `connections`.
+    pub fn new(connections: &Connections, path: &'static str, requests: Vec<Bytes>) -> Load {
         assert!(!requests.is_empty(), "a load needs at least one request");
+        let framed = requests
+            .iter()
+            .map(|message| {
+                let mut framed = BytesMut::with_capacity(5 + message.len());
+                framed.put_u8(0);
+                framed.put_u32(message.len() as u32);
+                framed.put_slice(message);
+                framed.freeze()
+            })
+            .collect();
         Load(Arc::new(Inner {
-            channels: channels.iter().cloned().map(Grpc::new).collect(),
-            path: PathAndQuery::from_static(path),
-            requests,
+            connections: connections.senders.clone(),
+            uri: format!("http://{}{path}", connections.address).parse().unwrap(),
+            requests: framed,
             failed: AtomicBool::new(false),
         }))
     }
@@ -86,25 +114,38 @@ impl Load {
     /// Sends request `n` (cycling). The first failure of a load is printed.
     async fn call(&self, n: usize) -> Outcome {
         let load = &self.0;
-        let mut grpc = load.channels[n % load.channels.len()].clone();
-        let answer = match grpc.ready().await {
-            Ok(()) => {
-                let request = tonic::Request::new(load.requests[n % load.requests.len()].clone());
-                grpc.unary(request, load.path.clone(), Raw).await.map(drop)
-            }
-            Err(e) => Err(Status::unavailable(e.to_string())),
-        };
-        match answer {
-            Ok(()) => Outcome::Admitted,
-            Err(s) if s.code() == Code::DeadlineExceeded => Outcome::Admitted,
-            Err(s) if s.code() == Code::ResourceExhausted => Outcome::Refused,
-            Err(s) => {
+        match self.exchange(n).await {
+            Ok(Code::Ok | Code::DeadlineExceeded) => Outcome::Admitted,
+            Ok(Code::ResourceExhausted) => Outcome::Refused,
+            answer => {
                 if !load.failed.swap(true, Ordering::Relaxed) {
-                    eprintln!("bench_serve: {}: first failure: {s}", load.path);
+                    eprintln!("bench_serve: {}: first failure: {answer:?}", load.uri.path());
                 }
                 Outcome::Failed
             }
         }
+    }
+
+    /// One unary call on h2: its gRPC status.
+    async fn exchange(&self, n: usize) -> Result<Code, h2::Error> {
+        let load = &self.0;
+        let mut sender = load.connections[n % load.connections.len()].clone().ready().await?;
+        let request = http::Request::post(load.uri.clone())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .expect("a valid request");
+        let (answer, mut stream) = sender.send_request(request, false)?;
+        stream.send_data(load.requests[n % load.requests.len()].clone(), true)?;
+        let (head, mut body) = answer.await?.into_parts();
+        // A refusal comes as headers alone ("trailers-only").
+        if let Some(code) = grpc_status(&head.headers) {
+            return Ok(code);
+        }
+        while let Some(chunk) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk?.len());
+        }
+        Ok(body.trailers().await?.as_ref().and_then(grpc_status).unwrap_or(Code::Unknown))
     }
 
     /// Calls answered per second with `callers` callers back to back for `phase`.
@@ -168,41 +209,7 @@ impl Load {
     }
 }
 
-/// Requests go out as the bytes they already are; an answer is only counted.
-#[derive(Clone, Copy)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = ();
-    type Encoder = Raw;
-    type Decoder = Raw;
-
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = Status;
-
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = ();
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, Status> {
-        src.advance(src.remaining());
-        Ok(Some(()))
-    }
+fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
+    let status = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+    Some(Code::from_i32(status))
 }

@@ -111,6 +111,9 @@ impl Cores {
 enum Mode {
     /// The in-memory hot tier at its default size, warm, in front of Redis.
     Hot,
+    /// The same, writing each frame as tonic does alone, not coalescing the
+    /// frames of the answers ready at one time into one write.
+    HotUncoalesced,
     /// The same, sized to hold every user: the in-memory path alone.
     HotHoldingAll,
     /// Redis warm, no hot tier.
@@ -124,6 +127,7 @@ impl Mode {
     fn id(self) -> &'static str {
         match self {
             Mode::Hot => "hot",
+            Mode::HotUncoalesced => "hot-uncoalesced",
             Mode::HotHoldingAll => "hot-all",
             Mode::Redis => "redis",
             Mode::Postgres => "postgres",
@@ -133,6 +137,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Hot => "hot tier (warm)",
+            Mode::HotUncoalesced => "hot tier, writes not coalesced",
             Mode::HotHoldingAll => "hot tier holding all (1 GiB)",
             Mode::Redis => "Redis only (warm)",
             Mode::Postgres => "Postgres only",
@@ -149,6 +154,7 @@ impl Mode {
         }
         match self {
             Mode::HotHoldingAll => args.extend(["--hot-cache-bytes", "1073741824"].map(String::from)),
+            Mode::HotUncoalesced => args.extend(["--coalesce-writes", "false"].map(String::from)),
             Mode::Redis | Mode::Postgres if hot_tier => args.extend(["--hot-cache-bytes", "0"].map(String::from)),
             _ => {}
         }
@@ -195,7 +201,8 @@ fn prepared(shape: Shape) -> Vec<Bytes> {
 
 /// Reads every user's 50 features once, so caches are warm, and checks the
 /// answers: a benchmark of wrong answers would be worthless.
-async fn warm_and_check(channel: tonic::transport::Channel) {
+async fn warm_and_check(address: SocketAddr) {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{address}")).unwrap().connect().await.unwrap();
     let mut client = FeatureServiceClient::new(channel);
     let users: Vec<i64> = (1..=USERS).collect();
     for chunk in users.chunks(100) {
@@ -497,8 +504,11 @@ async fn main() {
     let redis = env("FRESHET_REDIS_URL");
     let stores = Processes { server: 0, redis: pid_from_env("BENCH_REDIS_PID"), postgres: pid_from_env("BENCH_POSTGRES_PID") };
     let hot_tier = server_has_hot_tier();
-    let modes: &[Mode] =
-        if hot_tier { &[Mode::Hot, Mode::HotHoldingAll, Mode::Redis, Mode::Postgres] } else { &[Mode::Redis, Mode::Postgres] };
+    let modes: &[Mode] = if hot_tier {
+        &[Mode::Hot, Mode::HotUncoalesced, Mode::HotHoldingAll, Mode::Redis, Mode::Postgres]
+    } else {
+        &[Mode::Redis, Mode::Postgres]
+    };
     let chosen: Vec<Mode> = modes.iter().copied().filter(|m| wanted(m.id())).collect();
     let ghz = ghz::Ghz::from_env(&cores.load);
     let requests: Vec<Vec<Bytes>> = SHAPES.iter().map(|s| prepared(*s)).collect();
@@ -512,16 +522,16 @@ async fn main() {
     let mut hot_tier_notes = Vec::new();
     for &mode in &chosen {
         let server = Server::start(&views, &url, &mode.args(&redis, hot_tier, 10_000), &[], &cores, stores);
-        let channels = load::connect(server.address).await;
-        warm_and_check(channels[0].clone()).await;
+        let connections = load::connect(server.address).await;
+        warm_and_check(server.address).await;
         // The tier's gauges are updated every second.
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let rss = probe::rss_mib(server.processes.server);
         hot_tier_notes.push(format!("{}: {}, server RSS {rss:.0} MiB", mode.name(), hot_tier_held(&server.snapshot().await.metrics)));
-        let empty = Load::new(&channels, HEALTH, vec![Bytes::new()]);
+        let empty = Load::new(&connections, HEALTH, vec![Bytes::new()]);
         let empty_capacity = own_case(&mut tables, &server, mode.name(), "empty RPC", &empty, HEALTH, None).await;
         for (shape, requests) in SHAPES.iter().zip(&requests) {
-            let load = Load::new(&channels, GET_FEATURES, requests.clone());
+            let load = Load::new(&connections, GET_FEATURES, requests.clone());
             own_case(&mut tables, &server, mode.name(), shape.name, &load, GET_FEATURES, Some(empty_capacity)).await;
         }
         if let (Some(ghz), Some((empty, data))) = (&ghz, &ghz_data) {
@@ -571,10 +581,10 @@ async fn main() {
     if wanted("overload") {
         let args = best.args(&redis, hot_tier, 8);
         let server = Server::start(&views, &url, &args, &[], &cores, stores);
-        let channels = load::connect(server.address).await;
-        warm_and_check(channels[0].clone()).await;
+        let connections = load::connect(server.address).await;
+        warm_and_check(server.address).await;
         for (shape, requests) in SHAPES.iter().zip(&requests) {
-            overloads.push(overload(&server, &Load::new(&channels, GET_FEATURES, requests.clone()), *shape).await);
+            overloads.push(overload(&server, &Load::new(&connections, GET_FEATURES, requests.clone()), *shape).await);
         }
     }
 
@@ -587,8 +597,8 @@ async fn main() {
     for (name, vars) in runs.into_iter().filter(|_| wanted("tracing")) {
         let args = Mode::Postgres.args(&redis, hot_tier, 10_000);
         let server = Server::start(&views, &url, &args, vars, &cores, stores);
-        let channels = load::connect(server.address).await;
-        let load = Load::new(&channels, GET_FEATURES, requests[0].clone());
+        let connections = load::connect(server.address).await;
+        let load = Load::new(&connections, GET_FEATURES, requests[0].clone());
         own_case(&mut tracing, &server, &format!("Postgres only, {name}"), SHAPES[0].name, &load, GET_FEATURES, None).await;
         // Let the batch processor deliver what it holds before the server goes.
         tokio::time::sleep(Duration::from_secs(2)).await;
