@@ -34,6 +34,7 @@ pub struct Markers {
 /// A marker seen servable: when it was written and how long it took.
 #[derive(Debug, Clone, Copy)]
 pub struct Seen {
+    pub entity: i64,
     pub written: Instant,
     pub latency: Duration,
 }
@@ -81,7 +82,7 @@ impl Markers {
                     if row.values[0].status() == FeatureStatus::Present
                         && let Some(written) = pending.remove(entity)
                     {
-                        seen.push(Seen { written, latency: now - written });
+                        seen.push(Seen { entity: *entity, written, latency: now - written });
                     }
                 }
             }
