@@ -86,7 +86,12 @@ impl Served {
                 Span { counts: counts_series, start: start as u32, end: (start + tiles.len()) as u32 }
             })
             .collect();
-        let last = view.features.iter().filter(|f| f.aggregation == Aggregation::Last).map(|f| state.last.get(&f.name).cloned()).collect();
+        // Each `last` feature at the slot the view file gave it.
+        let lasts: Vec<&Feature> = view.features.iter().filter(|f| f.aggregation == Aggregation::Last).collect();
+        let mut last = vec![None; lasts.len()].into_boxed_slice();
+        for f in lasts {
+            last[f.slot] = state.last.get(&f.name).cloned();
+        }
         Served { newest_ms: state.newest_ms, series, counts: counts.into(), values: values.into(), last }
     }
 
